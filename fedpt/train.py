@@ -1,0 +1,190 @@
+"""Local fine-tuning of a causal LM on prompt/response pairs: LoRA or full, with an optional FedProx term.
+
+This is the work one device does in a round. It knows nothing of federation: it takes a model and data,
+trains for some steps, and reports what it cost. `trainable_state` is the part of the model that travels.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedpt.costs import PeakMemory, Stopwatch, training_flops
+from fedpt.data import Example, encode_example
+from fedpt.errors import FedptError
+
+
+@dataclass
+class TuneConfig:
+    mode: str = "lora"  # "lora" or "full"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Sequence[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    max_length: int = 96
+    local_steps: int = 10
+    local_epochs: float = 0.0  # when > 0, train this many passes over the client's data instead of local_steps
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss
+    dtype: str = "bfloat16"  # of the frozen weights; trained weights are kept in float32
+    chat: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("lora", "full"):
+            raise FedptError(f"tuning mode must be 'lora' or 'full', got '{self.mode}'")
+        for name in ("lora_r", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise FedptError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.local_steps < 1 and self.local_epochs <= 0:
+            raise FedptError("set local_steps >= 1 or local_epochs > 0")
+        if self.learning_rate <= 0:
+            raise FedptError(f"learning_rate must be > 0, got {self.learning_rate}")
+        self.target_modules = list(self.target_modules)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise FedptError(f"unknown tuning option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_trainable(model: torch.nn.Module, config: TuneConfig, seed: int = 0) -> torch.nn.Module:
+    """Wrap with a fresh LoRA adapter (trainable weights in float32, initialised from `seed`), or unfreeze
+    every weight for full tuning."""
+    if config.mode == "full":
+        model = model.float()
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in config.target_modules if t not in names]
+    if missing:
+        raise FedptError(f"LoRA target modules {missing} are not in the model (it has e.g. {sorted(names)[:12]})")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(model, lora)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The weights a client trains and sends, by name, as float32 arrays."""
+    return {n: p.detach().float().cpu().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def set_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        raise FedptError(
+            f"weights do not match the model: {len(set(state) - set(params))} unknown, "
+            f"{len(set(params) - set(state))} missing"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise FedptError(f"weight {name} has shape {state[name].shape}, the model expects {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(np.asarray(state[name])).to(p.dtype))
+
+
+def batches(
+    tokenizer: Any, examples: Sequence[Example], config: TuneConfig, rng: random.Random
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Endless shuffled passes over the examples, as right-padded (input_ids, attention_mask, labels)."""
+    if not examples:
+        raise FedptError("no training examples")
+    encoded = [encode_example(tokenizer, e, config.max_length, config.chat) for e in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            rows = [encoded[i] for i in order[start : start + config.batch_size]]
+            width = max(len(ids) for ids, _ in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            for r, (row_ids, row_labels) in enumerate(rows):
+                ids[r, : len(row_ids)] = torch.tensor(row_ids)
+                mask[r, : len(row_ids)] = 1
+                labels[r, : len(row_labels)] = torch.tensor(row_labels)
+            yield ids, mask, labels
+
+
+def steps_for(config: TuneConfig, n_examples: int) -> int:
+    if config.local_epochs > 0:
+        return max(1, math.ceil(config.local_epochs * n_examples / config.batch_size))
+    return config.local_steps
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: TuneConfig,
+    seed: int,
+    progress: Any = None,
+) -> dict[str, float]:
+    """Train in place; return the mean loss, examples seen, wall seconds, seconds per step, peak memory, FLOPs."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise FedptError("the model has no trainable weights; call make_trainable first")
+    # FedProx pulls the weights towards where this round started
+    anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    n_steps = steps_for(config, len(examples))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in params)
+    model.train()
+    losses, tokens, seen = [], 0, 0
+    task = progress.add_task("local steps", total=n_steps) if progress is not None else None
+    stream = batches(tokenizer, examples, config, rng)
+    with PeakMemory() as memory, Stopwatch() as clock:
+        for _ in range(n_steps):
+            ids, mask, labels = next(stream)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if not torch.isfinite(loss):
+                raise FedptError(f"training loss became {loss.item()}; lower the learning rate")
+            losses.append(loss.item())
+            if anchor is not None:
+                loss = loss + config.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += int(mask.sum())
+            seen += len(ids)
+            if task is not None:
+                progress.advance(task)
+    model.eval()
+    if task is not None:
+        progress.remove_task(task)
+    return {
+        "train_loss": float(np.mean(losses)),
+        "examples": len(examples),
+        "examples_seen": seen,
+        "steps": n_steps,
+        "seconds": clock.seconds,
+        "seconds_per_step": clock.seconds / n_steps,
+        "peak_memory_bytes": memory.peak,
+        "flops": training_flops(n_params, n_trainable, tokens),
+    }

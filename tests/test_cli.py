@@ -1,0 +1,85 @@
+import json
+import sys
+
+import pytest
+
+from fedpt.cli import main
+
+
+def run(monkeypatch, capsys, *args):
+    """Run `fedpt ARGS` in this process; return (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["fedpt", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_one_prompt_and_alpha_zero_equals_large(monkeypatch, capsys, tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from fedpt.lm import load_model
+
+    model, _, _ = load_model(tiny["small"], dtype="float32")
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter")
+    common = ["generate", "--large", tiny["large"], "--prompt", "hello world", "--max-new-tokens", 8,
+              "--dtype", "float32"]
+    code, alone, err = run(monkeypatch, capsys, *common)
+    assert code == 0, err
+    proxy = ["--small", tiny["small"], "--adapter", tmp_path / "adapter"]
+    code, zero, err = run(monkeypatch, capsys, *common, *proxy, "--alpha", 0)
+    assert code == 0, err
+    assert zero == alone
+    code, steered, _ = run(monkeypatch, capsys, *common, *proxy, "--alpha", 3)
+    assert code == 0 and steered != alone
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_prompts_file_gives_jsonl(monkeypatch, capsys, tiny, tmp_path, suffix):
+    prompts = ["hello world", "what is\nyour name"] if suffix == ".jsonl" else ["hello world", "what is your name"]
+    path = tmp_path / f"prompts{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    else:
+        path.write_text("\n".join(prompts) + "\n\n")
+    code, out, err = run(monkeypatch, capsys, "generate", "--large", tiny["large"], "--prompts-file", path,
+                         "--max-new-tokens", 4, "--raw")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts and all(isinstance(r["completion"], str) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x", "--small", "S"], "--small and --adapter go together"),
+        ([], "exactly one of --prompt or --prompts-file"),
+        (["--prompts-file", "/nonexistent/p.txt"], "prompts file /nonexistent/p.txt does not exist"),
+        (["--prompt", "x", "--max-new-tokens", 0], "max_new_tokens must be at least 1"),
+        (["--prompt", "x", "--dtype", "int3"], "unknown dtype 'int3'"),
+    ],
+)
+def test_errors_are_one_line(monkeypatch, capsys, tiny, args, message):
+    code, _, err = run(monkeypatch, capsys, "generate", "--large", tiny["large"], *args)
+    assert code == 2
+    assert err.startswith("fedpt: error: ") and message in err and err.count("\n") == 1
+
+
+def test_missing_model_folder(monkeypatch, capsys):
+    code, _, err = run(monkeypatch, capsys, "generate", "--large", "/no/such/model", "--prompt", "x")
+    assert code == 2 and "neither a known model name" in err
+
+
+def test_vocabulary_mismatch_on_the_command_line(monkeypatch, capsys, tiny):
+    code, _, err = run(monkeypatch, capsys, "generate", "--large", tiny["large"], "--small", tiny["other"],
+                       "--adapter", tiny["other"], "--prompt", "x")
+    assert code == 2 and "different tokenizers" in err
+
+
+def test_models_list(monkeypatch, capsys, fedpt_home):
+    code, out, _ = run(monkeypatch, capsys, "models", "list")
+    assert code == 0 and "qwen2.5-coder-0.5b-instruct" in out and "not prepared" in out

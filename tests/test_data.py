@@ -1,0 +1,70 @@
+import pytest
+
+from fedpt.data import DataConfig, Example, encode_example, load_examples, splits
+from fedpt.errors import FedptError
+
+
+def test_chatterbot_categories_and_fixed_splits():
+    config = DataConfig(source="chatterbot")
+    examples = load_examples(config)
+    assert len(examples) > 2000
+    assert {"ai", "tech_support", "trivia"} <= {e.group for e in examples}
+    parts = splits(examples, config)
+    assert sum(len(p) for p in parts.values()) == len(examples)
+    assert 0.05 < len(parts["test"]) / len(examples) < 0.15
+    # the split depends on the prompt alone: order and other examples do not move it
+    again = splits(list(reversed(examples)), config)
+    assert {e.prompt for e in again["test"]} == {e.prompt for e in parts["test"]}
+    assert not {e.prompt for e in parts["test"]} & {e.prompt for e in parts["train"]}
+
+
+def test_unknown_category():
+    with pytest.raises(FedptError, match="unknown chatterbot categories"):
+        load_examples(DataConfig(categories=["nope"]))
+
+
+def test_jsonl_and_csv_with_custom_fields(tmp_path):
+    rows = ['{"q": "hi", "a": "hello", "who": "x"}', "", '{"q": "bye", "a": "ciao", "who": "y"}']
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    config = DataConfig(source=str(tmp_path / "d.jsonl"), prompt_field="q", response_field="a", group_field="who")
+    assert load_examples(config) == [Example("hi", "hello", "x"), Example("bye", "ciao", "y")]
+    (tmp_path / "d.csv").write_text("q,a\nhi,hello\n")
+    assert load_examples(DataConfig(source=str(tmp_path / "d.csv"), prompt_field="q", response_field="a")) == [
+        Example("hi", "hello")
+    ]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', r"d.jsonl, line 2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r"d.jsonl, line 2: missing field\(s\) response"),
+        ('{"prompt": "a", "response": ""}\n', r"line 1: 'prompt' and 'response' must be non-empty text"),
+        ('[1, 2]\n', r"line 1: expected an object"),
+        ("\n\n", r"has no examples"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(FedptError, match=message):
+        load_examples(DataConfig(source=str(tmp_path / "d.jsonl")))
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(FedptError, match="does not exist"):
+        load_examples(DataConfig(source=str(tmp_path / "nope.jsonl")))
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(FedptError, match="unknown format"):
+        load_examples(DataConfig(source=str(tmp_path / "d.txt")))
+
+
+def test_encoding_scores_the_answer_only(tiny):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["small"])
+    ids, labels = encode_example(tokenizer, Example("what is your name", "my name is fedpt"), max_length=64)
+    answer = [t for t in labels if t != -100]
+    assert tokenizer.decode(answer) == "my name is fedpt<|im_end|>"
+    assert ids[-len(answer):] == answer and len(ids) == len(labels)
+    short_ids, short_labels = encode_example(tokenizer, Example("what is your name " * 20, "my name is fedpt"), 16)
+    assert len(short_ids) <= 16 and any(t != -100 for t in short_labels)
