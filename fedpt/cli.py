@@ -120,18 +120,38 @@ def generate(
 
 
 @app.command()
-def demo(
-    large: str = "qwen2.5-coder-1.5b-instruct",
-    small: str = "qwen2.5-coder-0.5b-instruct",
-    out: Annotated[Path, typer.Option(help="where the tuned adapter is written")] = Path("runs/demo"),
-    questions: int = 6,
-    seed: int = 0,
+def train(
+    config: Annotated[Path | None, typer.Option(help="run config (TOML); see configs/chatterbot.toml")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=5")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: the config's `out`)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this folder after its last round")] = None,
 ) -> None:
-    """End to end: tune the small model, then answer held-out questions with the large model alone and proxy-tuned."""
-    from fedpt.demo import run_demo
+    """Federated fine-tuning of the small model in Flower's simulation engine."""
+    from fedpt import config as cfg
+    from fedpt.federation.run import simulate
 
     _quiet_transformers()
-    run_demo(large=large, small=small, out=out, n_questions=questions, seed=seed)
+    if resume is not None:
+        if config is not None or out is not None:
+            raise FedptError("--resume continues the run saved in that folder; drop --config and --out")
+        run = cfg.load(resume / "config.json", set_, out=str(resume))
+    else:
+        run = cfg.load(config, set_, **({"out": str(out)} if out is not None else {}))
+    final = simulate(run, resume=resume is not None)
+    print(final)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="output folder (default: a new one under runs/demo/)")] = None,
+    questions: int = 6,
+) -> None:
+    """End to end: federate the small model on chatterbot clients, then answer held-out questions with the
+    large model alone and proxy-tuned."""
+    from fedpt.demo import demo_config, run_demo
+
+    _quiet_transformers()
+    run_demo(demo_config(out), n_questions=questions)
 
 
 def main() -> None:

@@ -1,0 +1,190 @@
+"""The run configuration: one schema, read from a TOML file, `--set` overrides, or Flower's flat run config.
+
+Sections: `[model]`, `[data]`, `[federation]`, `[tuning]` (see configs/chatterbot.toml). Flower's run
+config is the same tree flattened with dots ("tuning.lora_r"), with lists written as comma-separated text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedpt.data import DataConfig
+from fedpt.errors import FedptError
+from fedpt.train import TuneConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+PARTITIONS = ("natural", "iid", "dirichlet")
+
+
+@dataclass
+class ModelConfig:
+    small: str = "qwen2.5-coder-0.5b-instruct"
+    large: str = "qwen2.5-coder-1.5b-instruct"
+
+
+@dataclass
+class FederationConfig:
+    clients: int = 4
+    rounds: int = 3
+    fraction: float = 1.0  # share of clients trained in each round
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0  # FedProx
+    server_lr: float = 0.01  # FedAdam / FedYogi: the server's step size (eta)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    partition: str = "natural"  # natural: a client per group (chatterbot category, or data.group_field); iid; dirichlet
+    dirichlet_alpha: float = 0.5  # smaller is more skewed: each client's share of each group ~ Dirichlet(alpha)
+    eval_examples: int = 64  # held-out pairs the server scores after each round; 0 scores all
+    client_cpus: int = 2  # CPUs per simulated client: with 2 on a 2-core machine, one client trains at a time
+    timeout: float = 3600.0  # seconds the server waits for a round's replies
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise FedptError(f"unknown strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if self.partition not in PARTITIONS:
+            raise FedptError(f"unknown partition '{self.partition}'; choose one of {', '.join(PARTITIONS)}")
+        if self.clients < 1 or self.rounds < 1:
+            raise FedptError("federation.clients and federation.rounds must be at least 1")
+        if not 0 < self.fraction <= 1:
+            raise FedptError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if (self.strategy == "fedprox") != (self.proximal_mu > 0):
+            raise FedptError("federation.proximal_mu > 0 goes with strategy = 'fedprox', and only with it")
+
+    def clients_per_round(self) -> int:
+        return max(1, round(self.fraction * self.clients))
+
+
+def default_data() -> DataConfig:
+    """Four chatterbot categories: one client each, a natural non-IID split."""
+    return DataConfig(source="chatterbot", categories=["ai", "emotion", "psychology", "humor"])
+
+
+@dataclass
+class RunConfig:
+    """The embedded defaults are configs/chatterbot.toml (a test keeps the two equal)."""
+
+    seed: int = 0
+    out: str = "runs/chatterbot"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=default_data)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    tuning: TuneConfig = field(default_factory=lambda: TuneConfig(learning_rate=5e-4, local_steps=8))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flower's run-config form: dotted keys, scalar values, lists as comma-separated text."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                for inner, v in value.items():
+                    out[f"{key}.{inner}"] = ",".join(v) if isinstance(v, list | tuple) else v
+            else:
+                out[key] = value
+        return out
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "federation": FederationConfig, "tuning": TuneConfig}
+LIST_FIELDS = {("data", "categories"), ("tuning", "target_modules")}
+
+
+def from_dict(tree: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build and check a RunConfig from a nested dict; unknown keys and wrong types are one-line errors."""
+    top = {f.name for f in fields(RunConfig)}
+    unknown = set(tree) - top
+    if unknown:
+        raise FedptError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(top)}")
+    values: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise FedptError(f"{where}: [{key}] must be a table")
+            values[key] = _section(key, value, where)
+        else:
+            values[key] = value
+    if not isinstance(values.get("seed", 0), int):
+        raise FedptError(f"{where}: seed must be an integer")
+    return RunConfig(**values)
+
+
+def _section(name: str, values: dict[str, Any], where: str) -> Any:
+    cls = SECTIONS[name]
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise FedptError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
+    defaults = cls()
+    clean = {}
+    for key, value in values.items():
+        if (name, key) in LIST_FIELDS and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected in (list, tuple) and isinstance(value, list | tuple):
+            value = list(value)
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise FedptError(
+                f"{where}: {name}.{key} must be {expected.__name__}, got {type(value).__name__} {value!r}"
+            )
+        clean[key] = value
+    return cls(**clean)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> RunConfig:
+    """Read a config file (TOML, or the config.json a run saves) or the defaults, apply `section.key=value`
+    overrides (values in TOML syntax), then the `fixed` top-level values."""
+    tree: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FedptError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise FedptError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
+        where = str(path)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise FedptError(f"override '{item}' is not of the form key=value (e.g. federation.rounds=5)")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # bare text, e.g. federation.strategy=fedadam
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FedptError(f"override '{item}': '{part}' is not a section")
+        node[leaf] = value
+    tree.update(fixed)
+    return from_dict(tree, where)
+
+
+def from_flat(flat: dict[str, Any]) -> RunConfig:
+    """From Flower's run config (dotted keys)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(tree, "run config")
+
+
+def replace(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy with some fields of some sections changed, e.g. replace(c, federation={"rounds": 5})."""
+    changes = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(config, **changes)

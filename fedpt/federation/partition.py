@@ -1,0 +1,51 @@
+"""Split the training examples across clients: natural (by group), IID, or Dirichlet over the groups.
+
+The splitting itself is done by flwr-datasets' partitioners; this module turns examples into a table they
+accept and checks the result (every example in exactly one partition, none empty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedpt.config import FederationConfig
+from fedpt.data import Example
+from fedpt.errors import FedptError
+
+
+def partition(examples: Sequence[Example], federation: FederationConfig, seed: int) -> list[list[Example]]:
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+    table = datasets.Dataset.from_dict({"group": [e.group for e in examples], "index": list(range(len(examples)))})
+    groups = sorted(set(table["group"]))
+    n = federation.clients
+    if federation.partition == "natural":
+        if len(groups) != n:
+            raise FedptError(
+                f"natural partition: the data has {len(groups)} groups ({', '.join(groups[:8])}"
+                f"{', ...' if len(groups) > 8 else ''}) but federation.clients = {n}; make them equal "
+                "(e.g. with data.categories) or use partition = 'iid' or 'dirichlet'"
+            )
+        partitioner = NaturalIdPartitioner(partition_by="group")
+        # partition k is the k-th group in sorted order, whatever order the rows come in
+        table = table.sort(["group", "index"])
+    elif federation.partition == "iid":
+        partitioner = IidPartitioner(num_partitions=n)
+        table = table.shuffle(seed=seed)
+    else:
+        if len(groups) < 2:
+            raise FedptError("dirichlet partition needs at least 2 groups in the data to skew over")
+        partitioner = DirichletPartitioner(
+            num_partitions=n, partition_by="group", alpha=federation.dirichlet_alpha, min_partition_size=1,
+            self_balancing=False, seed=seed,
+        )
+    partitioner.dataset = table
+    try:
+        parts = [[examples[i] for i in partitioner.load_partition(k)["index"]] for k in range(n)]
+    except ValueError as e:
+        raise FedptError(f"{federation.partition} partition into {n} clients failed: {e}") from None
+    for k, part in enumerate(parts):
+        if not part:
+            raise FedptError(f"{federation.partition} partition: client {k} of {n} got no examples; use fewer clients")
+    return parts
