@@ -142,6 +142,35 @@ def train(
 
 
 @app.command()
+def experiment(
+    config: Annotated[Path | None, typer.Option(help="experiment config (TOML)")] = None,
+    out: Annotated[Path, typer.Option(help="output folder; an interrupted experiment continues there")] = Path(
+        "runs/experiment"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=5")] = None,
+) -> None:
+    """FedPT against the large model tuned by federation: train, evaluate, write results.json and report.md."""
+    from fedpt import config as cfg
+    from fedpt.experiment import run_experiment
+
+    _quiet_transformers()
+    run = cfg.load(config, set_ or [])
+    command = " ".join(["fedpt experiment", *(["--config", str(config)] if config else []), "--out", str(out),
+                        *[f"--set {item}" for item in set_ or []]])
+    results = run_experiment(run, out, command=command)
+    print(out / "report.md")
+    for name, target in results["targets"].items():
+        print(f"{name}: {target['value']:.3f} ({'met' if target['met'] else 'missed'})")
+
+
+@app.command()
+def report(folder: Annotated[Path, typer.Argument(help="an experiment folder with results.json")]) -> None:
+    """Rebuild the plots and report.md of an experiment from its results.json alone."""
+    from fedpt.report import load_results, write_report
+
+    print(write_report(load_results(folder), folder))
+
+
+@app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(help="output folder (default: a new one under runs/demo/)")] = None,
     questions: int = 6,

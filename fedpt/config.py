@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpt.data import DataConfig
+from fedpt.distill import DistillConfig
 from fedpt.errors import FedptError
 from fedpt.train import TuneConfig
 
@@ -60,6 +61,31 @@ class FederationConfig:
         return max(1, round(self.fraction * self.clients))
 
 
+@dataclass
+class ExperimentConfig:
+    """What `fedpt experiment` compares and sweeps (the run's other sections are the shared recipe)."""
+
+    alpha: float = 1.0  # the proxy's alpha as configured (FedPT as published)
+    alphas: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5])  # swept, chosen on validation
+    fusion_weights: list = field(default_factory=lambda: [0.25, 0.5, 0.75])  # geometric mixtures, on validation
+    dynamic: bool = True  # also the per-token (dynamic logit fusion) alpha
+    metric: str = "rouge"  # "rouge": ROUGE-L and exact match of greedy answers; "choice": accuracy over the answers
+    test_examples: int = 0  # 0: the whole test split
+    validation_examples: int = 0
+    generate_examples: int = 32  # test pairs answered greedily for ROUGE-L / exact match and timing
+    max_new_tokens: int = 32
+    central_small: bool = True  # also tune the small model centrally, as an upper bound for step 1
+    distill_variant: bool = True  # also run FedPT with [distill] every > 0 (the iterative loop)
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("rouge", "choice"):
+            raise FedptError(f"experiment.metric must be 'rouge' or 'choice', got '{self.metric}'")
+        self.alphas = [float(a) for a in self.alphas]
+        self.fusion_weights = [float(w) for w in self.fusion_weights]
+        if any(not 0 < w <= 1 for w in self.fusion_weights):
+            raise FedptError("experiment.fusion_weights must lie in (0, 1]")
+
+
 def default_data() -> DataConfig:
     """Four chatterbot categories: one client each, a natural non-IID split."""
     return DataConfig(source="chatterbot", categories=["ai", "emotion", "psychology", "humor"])
@@ -75,6 +101,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=default_data)
     federation: FederationConfig = field(default_factory=FederationConfig)
     tuning: TuneConfig = field(default_factory=lambda: TuneConfig(learning_rate=5e-4, local_steps=8))
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,14 +113,16 @@ class RunConfig:
         for key, value in self.to_dict().items():
             if isinstance(value, dict):
                 for inner, v in value.items():
-                    out[f"{key}.{inner}"] = ",".join(v) if isinstance(v, list | tuple) else v
+                    out[f"{key}.{inner}"] = ",".join(map(str, v)) if isinstance(v, list | tuple) else v
             else:
                 out[key] = value
         return out
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "federation": FederationConfig, "tuning": TuneConfig}
-LIST_FIELDS = {("data", "categories"), ("tuning", "target_modules")}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "federation": FederationConfig, "tuning": TuneConfig,
+            "distill": DistillConfig, "experiment": ExperimentConfig}
+LIST_FIELDS = {("data", "categories"), ("tuning", "target_modules"), ("experiment", "alphas"),
+               ("experiment", "fusion_weights")}
 
 
 def from_dict(tree: dict[str, Any], where: str = "config") -> RunConfig:
@@ -125,6 +155,8 @@ def _section(name: str, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         if (name, key) in LIST_FIELDS and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if name == "experiment":
+                value = [float(v) for v in value]
         expected = type(getattr(defaults, key))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

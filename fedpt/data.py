@@ -27,7 +27,7 @@ class Example:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where examples come from: `source` is "chatterbot", a .jsonl/.csv path, or "hf:NAME[:CONFIG]"."""
+    """Where examples come from: "chatterbot", "polarity", a .jsonl/.csv path, or "hf:NAME[:CONFIG]"."""
 
     source: str = "chatterbot"
     prompt_field: str = "prompt"
@@ -44,6 +44,8 @@ def load_examples(config: DataConfig) -> list[Example]:
     source = config.source
     if source == "chatterbot":
         examples = load_chatterbot(config.categories)
+    elif source == "polarity":
+        examples = load_polarity()
     elif source.startswith("hf:"):
         examples = load_hf(source[3:], config)
     else:
@@ -83,6 +85,28 @@ def load_chatterbot(categories: Sequence[str] = ()) -> list[Example]:
         for conversation in yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", []):
             if isinstance(conversation, list) and len(conversation) >= 2:
                 examples.append(Example(str(conversation[0]).strip(), str(conversation[1]).strip(), file.stem))
+    return examples
+
+
+POLARITY_PROMPT = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}"
+POLARITY_LABELS = ("negative", "positive")
+
+
+def load_polarity() -> list[Example]:
+    """The 200 labelled movie-review sentences of gensim's test data (Pang & Lee) as a two-way choice task."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedptError("the polarity task reads gensim's test data: pip install gensim==4.4.0")
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "pang_lee_polarity.cor"
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="cp1252").splitlines(), start=1):  # not UTF-8
+        label, _, text = line.partition(" ")
+        if label not in ("__label__neg", "__label__pos") or not text.strip():
+            raise FedptError(f"{path}, line {number}: expected '__label__neg|__label__pos TEXT'")
+        answer = POLARITY_LABELS[label == "__label__pos"]
+        examples.append(Example(POLARITY_PROMPT.format(text=text.strip()), answer, answer))
     return examples
 
 

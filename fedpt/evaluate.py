@@ -4,55 +4,107 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fedpt.data import Example, encode_example
+from fedpt.fusion import Fusion
 from fedpt.lm import LanguageModel, pad_left
+from fedpt.proxy import ExpertPair
 
 
-def response_logprobs(
-    lm: LanguageModel,
-    examples: Sequence[Example],
-    *,
-    max_length: int = 256,
-    batch_size: int = 8,
-    chat: bool = True,
-    progress: Any = None,
-) -> list[Tensor]:
-    """Log-probability of every reference-answer token (end-of-turn included), one tensor per example."""
-    encoded = [encode_example(lm.tokenizer, e, max_length, chat) for e in examples]
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+def answer_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int, max_length: int, chat: bool,
+                    progress: Any, label: str) -> Iterator[tuple[list[int], Tensor, Tensor, list[int]]]:
+    """Left-padded batches of prompt + answer: (example indices, ids, mask, answer lengths)."""
+    encoded = [encode_example(tokenizer, e, max_length, chat) for e in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths, less padding
-    out: list[Tensor] = [torch.empty(0)] * len(encoded)
-    task = progress.add_task(f"scoring {lm.name}", total=len(encoded)) if progress is not None else None
+    task = progress.add_task(label, total=len(encoded)) if progress is not None else None
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = pad_left([encoded[i][0] for i in rows], pad)
-        answer = [sum(label != -100 for label in encoded[i][1]) for i in rows]
-        longest = max(answer)
-        # left padding puts every answer at the end of its row; its j-th token is predicted one column earlier
-        logprobs = lm.logprobs(ids, mask, last=longest + 1)[:, :-1]
-        targets = ids[:, -longest:]
-        picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-        for r, i in enumerate(rows):
-            out[i] = picked[r, longest - answer[r]:].clone()
+        yield rows, ids, mask, [sum(label != -100 for label in encoded[i][1]) for i in rows]
         if task is not None:
             progress.advance(task, len(rows))
     if task is not None:
         progress.remove_task(task)
+
+
+def _picked(logprobs: Tensor, ids: Tensor, answers: list[int]) -> list[Tensor]:
+    """Log-prob of each answer token, from next-token distributions at the last max(answers) + 1 columns."""
+    longest = max(answers)
+    # left padding puts every answer at the end of its row; its j-th token is predicted one column earlier
+    picked = logprobs[:, :-1].gather(-1, ids[:, -longest:, None]).squeeze(-1)
+    return [picked[r, longest - a:].clone() for r, a in enumerate(answers)]
+
+
+def response_logprobs(lm: LanguageModel, examples: Sequence[Example], *, max_length: int = 256, batch_size: int = 8,
+                      chat: bool = True, progress: Any = None) -> list[Tensor]:
+    """Log-probability of every reference-answer token (end-of-turn included), one tensor per example."""
+    out: list[Tensor] = [torch.empty(0)] * len(examples)
+    for rows, ids, mask, answers in answer_batches(lm.tokenizer, examples, batch_size, max_length, chat, progress,
+                                                    f"scoring {lm.name}"):
+        for i, scores in zip(rows, _picked(lm.logprobs(ids, mask, last=max(answers) + 1), ids, answers)):
+            out[i] = scores
     return out
 
 
-def nll(lm: LanguageModel, examples: Sequence[Example], **kwargs: Any) -> dict[str, float]:
-    """Mean negative log-likelihood per reference token, its perplexity, and the token count."""
-    scores = response_logprobs(lm, examples, **kwargs)
+def fusion_logprobs(large: LanguageModel, expert: ExpertPair, examples: Sequence[Example], fusions: Sequence[Fusion],
+                    *, max_length: int = 256, batch_size: int = 8, chat: bool = True,
+                    progress: Any = None) -> dict[str, list[Tensor]]:
+    """Answer-token log-probs under many combinations of one large model and one small pair, each model run once.
+
+    Keys: "large", "small_base", "small_tuned", and each fusion's label.
+    """
+    keys = ["large", "small_base", "small_tuned", *(f.label for f in fusions)]
+    out = {k: [torch.empty(0)] * len(examples) for k in keys}
+    for rows, ids, mask, answers in answer_batches(large.tokenizer, examples, batch_size, max_length, chat, progress,
+                                                    f"scoring {len(fusions)} fusions"):
+        longest = max(answers)
+        # only the positions that predict an answer token: (N, V) instead of (B, longest + 1, V)
+        wanted = torch.arange(longest)[None, :] >= (longest - torch.tensor(answers))[:, None]
+        targets = ids[:, -longest:][wanted]
+        models = {"large": large.logprobs(ids, mask, longest + 1)}
+        models["small_base"], models["small_tuned"] = expert.logprobs(ids, mask, longest + 1)
+        models = {k: v[:, :-1][wanted] for k, v in models.items()}
+        for key in keys:
+            if key in models:
+                distribution = models[key]
+            else:
+                fusion = next(f for f in fusions if f.label == key)
+                distribution = fusion(models["large"], models["small_base"], models["small_tuned"])
+            picked = distribution.gather(-1, targets[:, None]).squeeze(-1).split(answers)
+            for i, scores in zip(rows, picked):
+                out[key][i] = scores.clone()
+    return out
+
+
+def summarize(scores: Sequence[Tensor]) -> dict[str, float]:
+    """Mean negative log-likelihood per answer token, its perplexity, and the token count."""
     tokens = sum(len(s) for s in scores)
     mean = -float(sum(s.sum() for s in scores)) / max(tokens, 1)
     return {"nll": mean, "perplexity": math.exp(mean), "tokens": tokens}
+
+
+def nll(lm: LanguageModel, examples: Sequence[Example], **kwargs: Any) -> dict[str, float]:
+    return summarize(response_logprobs(lm, examples, **kwargs))
+
+
+def choice_accuracy(option_scores: Sequence[Tensor], examples: Sequence[Example], options: Sequence[str]) -> float:
+    """Share of examples whose reference is the option with the highest total log-prob.
+
+    `option_scores` are the answer scores of `option_examples(examples, options)`, in that order.
+    """
+    totals = torch.tensor([float(s.sum()) for s in option_scores]).view(len(examples), len(options))
+    chosen = totals.argmax(-1).tolist()
+    return sum(options[c] == e.response for c, e in zip(chosen, examples)) / len(examples)
+
+
+def option_examples(examples: Sequence[Example], options: Sequence[str]) -> list[Example]:
+    return [Example(e.prompt, o, e.group) for e in examples for o in options]
 
 
 def _words(text: str) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fedpt.errors import FedptError
+from fedpt.fusion import Fusion
 from fedpt.lm import HFCausalLM, LanguageModel, load_model, quantize_int8
 
 
@@ -136,21 +137,22 @@ class ProxyState:
 
 
 class ProxyTunedLM(LanguageModel):
-    """`log_softmax(large + alpha * (tuned - base))`: a LanguageModel built from two others."""
+    """`log_softmax(large + alpha * (tuned - base))`: a LanguageModel built from two others.
 
-    def __init__(self, large: LanguageModel, expert: ExpertPair, alpha: float = 1.0):
+    `fusion` replaces the fixed-alpha rule by another way of combining the three (fedpt/fusion.py).
+    """
+
+    def __init__(self, large: LanguageModel, expert: ExpertPair, alpha: float = 1.0, fusion: Fusion | None = None):
         check_same_vocabulary(large, expert)
-        self.large, self.expert, self.alpha = large, expert, float(alpha)
-        self.name = f"proxy({large.name}, {expert.name}, alpha={alpha:g})"
+        self.large, self.expert = large, expert
+        self.fusion = fusion or Fusion(alpha=alpha)
+        self.name = f"proxy({large.name}, {expert.name}, {self.fusion.label})"
         self.tokenizer = large.tokenizer
         self.vocab_size = min(large.vocab_size, expert.vocab_size)
         self.eos_token_ids = large.eos_token_ids
 
     def combine(self, large: Tensor, base: Tensor, tuned: Tensor) -> Tensor:
-        v = self.vocab_size
-        # the large model's scores, shifted by what tuning changed in the small model
-        steered = large[..., :v] + self.alpha * (tuned[..., :v] - base[..., :v])
-        return torch.log_softmax(steered, dim=-1)
+        return self.fusion(large, base, tuned)
 
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ProxyState]:
         large, large_state = self.large.start(input_ids, attention_mask)

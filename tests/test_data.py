@@ -68,3 +68,10 @@ def test_encoding_scores_the_answer_only(tiny):
     assert ids[-len(answer):] == answer and len(ids) == len(labels)
     short_ids, short_labels = encode_example(tokenizer, Example("what is your name " * 20, "my name is fedpt"), 16)
     assert len(short_ids) <= 16 and any(t != -100 for t in short_labels)
+
+
+def test_polarity_task():
+    examples = load_examples(DataConfig(source="polarity"))
+    assert len(examples) == 200
+    assert {e.response for e in examples} == {"negative", "positive"} and all(e.group == e.response for e in examples)
+    assert "movie review" in examples[0].prompt

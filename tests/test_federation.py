@@ -233,7 +233,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, qa_file, tmp_path
     def kill_in_round_2(server_round, model, tokenizer):
         if server_round == 2:
             raise Killed  # after aggregation, before round 2 is saved: as if the server died mid-round
-        return False
+        return None
 
     with pytest.raises(Killed):
         simulate(tiny_run(tiny, qa_file, tmp_path / "killed", **extra), after_round=kill_in_round_2)
@@ -290,3 +290,42 @@ def test_the_shipped_config_is_the_embedded_default():
 
     shipped = cfg.load(Path(__file__).parent.parent / "configs" / "chatterbot.toml")
     assert shipped == cfg.RunConfig()
+
+
+@pytest.mark.slow
+def test_distillation_between_rounds(tiny, qa_file, tmp_path):
+    from fedpt.federation.run import simulate
+
+    run = tiny_run(tiny, qa_file, tmp_path / "run", model={"small": str(tiny["small"]), "large": str(tiny["large"])},
+                   distill={"every": 1, "n_texts": 4, "max_new_tokens": 4, "steps": 2, "top_k": 8})
+    simulate(run)
+    rows = read_metrics(tmp_path / "run")
+    assert all(r["distilled"]["distill_texts"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+def test_experiment_end_to_end_on_tiny_models(tiny, qa_file, tmp_path):
+    from fedpt.experiment import run_experiment
+
+    run = tiny_run(tiny, qa_file, tmp_path / "unused", model={"small": str(tiny["small"]), "large": str(tiny["large"])},
+                   data={"source": str(qa_file), "group_field": "topic", "test_percent": 25, "validation_percent": 25},
+                   federation={"clients": 3, "rounds": 2, "eval_examples": 4, "client_cpus": 1},
+                   distill={"every": 1, "n_texts": 4, "max_new_tokens": 4, "steps": 2, "top_k": 8},
+                   experiment={"alphas": [0.5, 1.0], "fusion_weights": [0.5], "generate_examples": 3,
+                               "max_new_tokens": 4})
+    results = run_experiment(run, tmp_path / "exp", command="test")
+    models = results["models"]
+    for name in ("small_base", "small_fedpt", "large_base", "fedpt_proxy", "fedpt_best", "large_direct",
+                 "small_central", "small_fedpt_distill", "fedpt_distill_proxy"):
+        assert np.isfinite(models[name]["nll"]), name
+    assert models["fedpt_proxy"]["fusion"] == "alpha=1"
+    chosen = results["chosen_on_validation"]["overall"]
+    grid = results["fusion_grid"]
+    assert grid[chosen]["validation"]["nll"] == min(v["validation"]["nll"] for v in grid.values())
+    assert models["fedpt_best"]["nll"] == grid[chosen]["test"]["nll"]
+    assert 0 < results["cost_ratio_fedpt_over_direct"]["bytes_up_per_client_round"] < 1  # the tiny small is smaller
+    for name in ("results.json", "report.md", "rounds.png", "metrics.png", "costs.png"):
+        assert (tmp_path / "exp" / name).is_file()
+    # a second call reuses every trained stage
+    again = run_experiment(run, tmp_path / "exp", command="test")
+    assert again["models"]["fedpt_best"]["nll"] == pytest.approx(models["fedpt_best"]["nll"], abs=1e-6)

@@ -93,3 +93,17 @@ def test_nll_by_hand(tiny):
     one_by_one = [nll(lm, [e]) for e in DATA[:2]]
     weighted = sum(r["nll"] * r["tokens"] for r in one_by_one) / sum(r["tokens"] for r in one_by_one)
     assert both["nll"] == pytest.approx(weighted, abs=1e-4)
+
+
+def test_answer_loss_equals_the_full_forward_loss(tiny):
+    import random
+
+    import torch
+
+    from fedpt.train import answer_loss, batches
+
+    model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+    model = make_trainable(model, TuneConfig(), seed=1)
+    ids, mask, labels = next(batches(tokenizer, DATA, TuneConfig(batch_size=4), random.Random(0)))
+    full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(answer_loss(model, ids, mask, labels), full, atol=1e-5, rtol=1e-5)

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedpt.config import FederationConfig, RunConfig, from_flat
 from fedpt.data import load_examples, splits
+from fedpt.distill import make_distiller
 from fedpt.errors import FedptError
 
 log = logging.getLogger("fedpt.federation")
@@ -32,7 +33,7 @@ STATE = "state.npz"  # exact global weights of a round, for resuming
 SERVER_STATE = "server-state.npz"  # the server optimiser's moments (FedAdam, FedYogi)
 DONE = "round.json"  # written last: a round folder without it is incomplete
 
-AfterRound = Callable[[int, Any, Any], bool]  # (round, model, tokenizer) -> whether it changed the model
+AfterRound = Callable[[int, Any, Any], dict | None]  # (round, model, tokenizer) -> stats if it changed the model
 
 
 def build_strategy(federation: FederationConfig) -> Any:
@@ -112,6 +113,7 @@ class Federation:
         heldout = splits(load_examples(config.data), config.data)["test"]
         heldout = heldout[: fed.eval_examples] if fed.eval_examples else heldout
         strategy = build_strategy(fed)
+        after_round = self.after_round or make_distiller(config)
         if start:
             state = dict(np.load(self.out / f"round-{start}" / STATE))
             set_trainable_state(model, state)
@@ -157,7 +159,7 @@ class Federation:
                     set_trainable_state(model, state)
                 else:
                     log.warning("round %d: no update could be aggregated; the global model stays", server_round)
-                distilled = bool(self.after_round and self.after_round(server_round, model, tokenizer))
+                distilled = after_round(server_round, model, tokenizer) if after_round else None
                 if distilled:
                     state = trainable_state(model)
                 self._checkpoint(server_round, model, tokenizer, state, strategy)
@@ -271,12 +273,15 @@ class Federation:
 
 def make_server_app(config: RunConfig | None = None, resume: bool = False,
                     after_round: AfterRound | None = None) -> ServerApp:
-    """A ServerApp for `config`, or for Flower's run config (deployment engine) when config is None."""
+    """A ServerApp for `config`, or for Flower's run config (deployment engine) when config is None; there the
+    extra key `resume = true` continues the run already in `out`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Federation(config or from_flat(dict(context.run_config)), grid, resume, after_round).run()
+        flat = dict(context.run_config)
+        again = bool(flat.pop("resume", False)) or resume
+        Federation(config or from_flat(flat), grid, again, after_round).run()
 
     return app
 

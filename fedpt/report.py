@@ -1,0 +1,210 @@
+"""Plots and a readable report of an experiment, made from its results.json alone (`fedpt report DIR`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedpt.errors import FedptError
+
+NAMES = {
+    "small_base": "small base",
+    "small_fedpt": "small, federated (FedPT step 1)",
+    "small_central": "small, tuned centrally",
+    "small_fedpt_distill": "small, federated + distillation",
+    "large_base": "large base",
+    "fedpt_proxy": "FedPT: proxy-tuned large (configured alpha)",
+    "fedpt_best": "FedPT: fusion chosen on validation",
+    "fedpt_distill_proxy": "FedPT + distillation (configured alpha)",
+    "fedpt_distill_best": "FedPT + distillation (chosen fusion)",
+    "large_direct": "large, federated directly (baseline)",
+}
+ORDER = list(NAMES)
+
+
+def load_results(folder: Path) -> dict[str, Any]:
+    path = folder / "results.json"
+    if not path.is_file():
+        raise FedptError(f"{folder} has no results.json; run `fedpt experiment` first")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FedptError(f"{path} is not valid JSON: {e}") from None
+    missing = {"models", "costs", "targets", "cost_ratio_fedpt_over_direct"} - set(results)
+    if missing:
+        raise FedptError(f"{path} lacks {sorted(missing)}: not a fedpt experiment result")
+    return results
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def plot(results: dict[str, Any], folder: Path) -> list[str]:
+    """rounds.png, metrics.png, costs.png; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    costs = results["costs"]
+    models = results["models"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in [("fedpt", "FedPT: small model, federated"), ("fedpt_distill", "FedPT + distillation"),
+                       ("direct", "baseline: large model, federated")]:
+        if key in costs:
+            curve = costs[key]["heldout_nll_per_round"]
+            ax.plot(range(len(curve)), curve, marker="o", label=label)
+    for key, style in [("fedpt_proxy", ":"), ("fedpt_best", "--")]:
+        if key in models:
+            ax.axhline(models[key]["nll"], linestyle=style, color="gray", label=f"{NAMES[key]} (final, test)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out NLL per answer token")
+    ax.set_title("Held-out loss per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "rounds.png", dpi=120)
+    plt.close(fig)
+    names.append("rounds.png")
+
+    present = [k for k in ORDER if k in models]
+    metric = "rouge_l" if all("rouge_l" in models[k] for k in present if k in ("large_base", "large_direct")) \
+        else "accuracy"
+    panels = [("nll", "NLL per answer token (lower is better)")]
+    if any(metric in models[k] for k in present):
+        panels.append((metric, f"{'ROUGE-L' if metric == 'rouge_l' else 'accuracy'} (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    axes = [axes] if len(panels) == 1 else axes
+    for ax, (key, title) in zip(axes, panels):
+        keys = [k for k in present if key in models[k]]
+        ax.barh([NAMES[k] for k in keys], [models[k][key] for k in keys],
+                color=["tab:orange" if k.startswith("fedpt") else "tab:blue" for k in keys])
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "metrics.png", dpi=120)
+    plt.close(fig)
+    names.append("metrics.png")
+
+    measures = [("peak_memory_bytes", "client peak memory (GB)", 1e9),
+                ("seconds_per_step", "seconds per local step", 1),
+                ("bytes_up_per_client_round", "MB sent per client and round", 1e6),
+                ("flops_per_client_round", "training TFLOPs per client and round", 1e12)]
+    fig, axes = plt.subplots(1, len(measures), figsize=(14, 3.5))
+    for ax, (key, title, scale) in zip(axes, measures):
+        ax.bar(["FedPT", "direct"], [costs["fedpt"][key] / scale, costs["direct"][key] / scale],
+               color=["tab:orange", "tab:blue"])
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / "costs.png", dpi=120)
+    plt.close(fig)
+    names.append("costs.png")
+    return names
+
+
+def markdown(results: dict[str, Any]) -> str:
+    models, ratio, targets = results["models"], results["cost_ratio_fedpt_over_direct"], results["targets"]
+    data, config = results.get("data", {}), results.get("config", {})
+    fed, tuning, model = config.get("federation", {}), config.get("tuning", {}), config.get("model", {})
+    lines = ["# FedPT experiment report", ""]
+    if results.get("command"):
+        lines += ["Made by:", "", f"    {results['command']}", ""]
+    lines += [
+        f"Task: `{data.get('source')}` ({data.get('train')} training, {data.get('validation')} validation, "
+        f"{data.get('test')} test pairs; metric {data.get('metric')}). Small model `{model.get('small')}`,"
+        f" large model `{model.get('large')}`. Recipe: {fed.get('clients')} clients "
+        f"({fed.get('partition')} partition), {fed.get('rounds')} rounds of {tuning.get('local_steps')} local steps, "
+        f"batch {tuning.get('batch_size')}, {fed.get('strategy')}, LoRA r={tuning.get('lora_r')} on "
+        f"{', '.join(tuning.get('target_modules', []))}, learning rate {tuning.get('learning_rate')}.",
+        "",
+        "## Targets",
+        "",
+        "| target | value | met |",
+        "|---|---|---|",
+    ]
+    for name, t in targets.items():
+        lines.append(f"| {name} | {_fmt(t['value'])} | {'yes' if t['met'] else '**no**'} |")
+    gaps = results.get("gap_closed_nll", {})
+    lines += ["", "## Results on the test split", "",
+              "| model | NLL | perplexity | ROUGE-L | exact match | accuracy | gap closed (NLL) | s / token |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key in [k for k in ORDER if k in models]:
+        m = models[key]
+        name = NAMES[key] + (f" [{m['fusion']}]" if "fusion" in m else "")
+        lines.append(f"| {name} | {_fmt(m.get('nll'))} | {_fmt(m.get('perplexity'), 1)} | {_fmt(m.get('rouge_l'))} | "
+                     f"{_fmt(m.get('exact_match'))} | {_fmt(m.get('accuracy'))} | {_fmt(gaps.get(key), 2)} | "
+                     f"{_fmt(m.get('seconds_per_token'))} |")
+    lines += ["", "Gap closed = (m - large base) / (large direct - large base), on the test NLL. "
+              "Seconds per token: greedy decoding of the first test prompts, batches of 8, on this machine.", "",
+              "![metrics](metrics.png)", ""]
+    chosen = results.get("chosen_on_validation", {})
+    grid = results.get("fusion_grid", {})
+    if grid:
+        lines += ["## Levers: alpha and fusion, chosen on the validation split", "",
+                  f"Chosen on validation: best alpha `{chosen.get('alpha')}`, best mixture `{chosen.get('mixture')}`, "
+                  f"best dynamic `{chosen.get('dynamic')}`, best overall `{chosen.get('overall')}` "
+                  "(the test column is shown for every setting, but none was picked on it).", "",
+                  "| fusion | validation NLL | test NLL | gap closed (test NLL) |", "|---|---|---|---|"]
+        base, direct = models["large_base"]["nll"], models["large_direct"]["nll"]
+        for label, split in grid.items():
+            gap = (split["test"]["nll"] - base) / (direct - base) if direct != base else float("nan")
+            lines.append(f"| {label} | {_fmt(split['validation']['nll'])} | {_fmt(split['test']['nll'])} | "
+                         f"{_fmt(gap, 2)} |")
+        lines.append("")
+    if "small_fedpt_distill" in models:
+        d, p = models["fedpt_distill_proxy"]["nll"], models["fedpt_proxy"]["nll"]
+        verdict = "helped" if d < p else "did not help"
+        lines += ["## Lever: distillation between rounds", "",
+                  f"Distilling the proxy into the small model between rounds {verdict}: FedPT with the configured "
+                  f"alpha reached test NLL {_fmt(d)} with distillation against {_fmt(p)} without; the small model "
+                  f"itself {_fmt(models['small_fedpt_distill']['nll'])} against {_fmt(models['small_fedpt']['nll'])}.",
+                  ""]
+    costs = results["costs"]
+    lines += ["## What a device pays", "",
+              "| per client and round | FedPT (small) | direct (large) | FedPT / direct |", "|---|---|---|---|"]
+    for key, label, scale, unit in [
+        ("peak_memory_bytes", "peak memory", 1e9, "GB"), ("seconds_per_step", "seconds per local step", 1, "s"),
+        ("client_seconds_per_round", "wall seconds per round", 1, "s"),
+        ("bytes_down_per_client_round", "bytes received", 1e6, "MB"),
+        ("bytes_up_per_client_round", "bytes sent", 1e6, "MB"),
+        ("flops_per_client_round", "training FLOPs (estimate)", 1e12, "TFLOP"),
+    ]:
+        lines.append(f"| {label} | {costs['fedpt'][key] / scale:.3f} {unit} | {costs['direct'][key] / scale:.3f} {unit}"
+                     f" | {ratio[key]:.2f} |")
+    lines += ["", f"Total bytes over the run: FedPT {costs['fedpt']['bytes_total'] / 1e6:.1f} MB, direct "
+              f"{costs['direct']['bytes_total'] / 1e6:.1f} MB.", "", "![costs](costs.png)", "",
+              "## Loss per round", "", "![rounds](rounds.png)", ""]
+    missed = [name for name, t in targets.items() if not t["met"]]
+    lines += ["## Verdict", ""]
+    if not missed:
+        lines.append("Every target is met on this run.")
+    else:
+        lines.append(f"Missed: {', '.join(missed)}. The evaluation was not changed to pass; see the notes below.")
+    notes = results.get("notes")
+    if notes:
+        lines += ["", *notes]
+    samples = models.get("fedpt_best", {}).get("samples") or []
+    if samples:
+        lines += ["", "## Sample answers (test prompts)", "", "| prompt | reference | large base | FedPT (chosen) |",
+                  "|---|---|---|---|"]
+        base_samples = models.get("large_base", {}).get("samples") or [{}] * len(samples)
+        for s, b in zip(samples, base_samples):
+            cells = [s["prompt"], s["reference"], b.get("answer", ""), s["answer"]]
+            lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], folder: Path) -> Path:
+    plot(results, folder)
+    path = folder / "report.md"
+    path.write_text(markdown(results))
+    return path
