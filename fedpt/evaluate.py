@@ -15,20 +15,33 @@ from fedpt.fusion import Fusion
 from fedpt.lm import LanguageModel, pad_left
 from fedpt.proxy import ExpertPair
 
+ANSWER_TOKENS_PER_BATCH = 384  # rows x scored positions: each (positions x 150k vocabulary) float tensor ~ 230 MB
+
 
 def answer_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int, max_length: int, chat: bool,
-                    progress: Any, label: str) -> Iterator[tuple[list[int], Tensor, Tensor, list[int]]]:
-    """Left-padded batches of prompt + answer: (example indices, ids, mask, answer lengths)."""
+                   progress: Any, label: str) -> Iterator[tuple[list[int], Tensor, Tensor, list[int]]]:
+    """Left-padded batches of prompt + answer: (example indices, ids, mask, answer lengths).
+
+    A batch holds at most `batch_size` rows and about ANSWER_TOKENS_PER_BATCH scored positions, so long
+    answers come in smaller batches: memory stays bounded whatever the data.
+    """
     encoded = [encode_example(tokenizer, e, max_length, chat) for e in examples]
+    answers = [sum(label != -100 for label in labels) for _, labels in encoded]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths, less padding
+    order = sorted(range(len(encoded)), key=lambda i: (answers[i], len(encoded[i][0])))  # less padding
     task = progress.add_task(label, total=len(encoded)) if progress is not None else None
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while (end < len(order) and end - start < batch_size
+               and (end - start + 1) * (answers[order[end]] + 1) <= ANSWER_TOKENS_PER_BATCH):
+            end += 1
+        rows = order[start:end]
         ids, mask = pad_left([encoded[i][0] for i in rows], pad)
-        yield rows, ids, mask, [sum(label != -100 for label in encoded[i][1]) for i in rows]
+        yield rows, ids, mask, [answers[i] for i in rows]
         if task is not None:
             progress.advance(task, len(rows))
+        start = end
     if task is not None:
         progress.remove_task(task)
 
@@ -70,14 +83,21 @@ def fusion_logprobs(large: LanguageModel, expert: ExpertPair, examples: Sequence
         models = {"large": large.logprobs(ids, mask, longest + 1)}
         models["small_base"], models["small_tuned"] = expert.logprobs(ids, mask, longest + 1)
         models = {k: v[:, :-1][wanted] for k, v in models.items()}
+        picked = {k: v.gather(-1, targets[:, None]).squeeze(-1) for k, v in models.items()}
+        slices = []
+        for s in range(0, len(targets), 128):  # a fusion makes several (positions x vocabulary) temporaries
+            large_s, base_s, tuned_s = (models[m][s : s + 128] for m in ("large", "small_base", "small_tuned"))
+            steered: dict[tuple, Tensor] = {}  # the proxy part is shared by every mixture weight
+            for fusion in fusions:
+                key = (fusion.dynamic, None if fusion.dynamic else fusion.alpha)
+                if key not in steered:
+                    steered[key] = fusion.steer(large_s, base_s, tuned_s)
+                mixed = fusion.mix(steered[key], tuned_s)
+                slices.append((fusion.label, mixed.gather(-1, targets[s : s + 128, None]).squeeze(-1)))
+        for fusion in fusions:
+            picked[fusion.label] = torch.cat([values for label, values in slices if label == fusion.label])
         for key in keys:
-            if key in models:
-                distribution = models[key]
-            else:
-                fusion = next(f for f in fusions if f.label == key)
-                distribution = fusion(models["large"], models["small_base"], models["small_tuned"])
-            picked = distribution.gather(-1, targets[:, None]).squeeze(-1).split(answers)
-            for i, scores in zip(rows, picked):
+            for i, scores in zip(rows, picked[key].split(answers)):
                 out[key][i] = scores.clone()
     return out
 

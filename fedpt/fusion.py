@@ -34,14 +34,22 @@ class Fusion:
         core = "dynamic alpha" if self.dynamic else f"alpha={self.alpha:g}"
         return core if self.weight == 0 else f"{core}, w={self.weight:g}"
 
-    def __call__(self, large: Tensor, base: Tensor, tuned: Tensor) -> Tensor:
+    def steer(self, large: Tensor, base: Tensor, tuned: Tensor) -> Tensor:
+        """The proxy part: scores of the large model shifted by the small pair (fixed or per-token alpha)."""
         v = min(large.shape[-1], base.shape[-1], tuned.shape[-1])
         large, base, tuned = large[..., :v], base[..., :v], tuned[..., :v]
-        steered = dynamic_proxy(large, base, tuned) if self.dynamic else large + self.alpha * (tuned - base)
+        return dynamic_proxy(large, base, tuned) if self.dynamic else large + self.alpha * (tuned - base)
+
+    def mix(self, steered: Tensor, tuned: Tensor) -> Tensor:
+        """Log-probs: the steered scores, mixed with the tuned small model if weight > 0."""
         if self.weight:
             # geometric mixture: a weighted sum in log space, renormalised below
+            tuned = tuned[..., : steered.shape[-1]]
             steered = (1 - self.weight) * torch.log_softmax(steered, dim=-1) + self.weight * tuned
         return torch.log_softmax(steered, dim=-1)
+
+    def __call__(self, large: Tensor, base: Tensor, tuned: Tensor) -> Tensor:
+        return self.mix(self.steer(large, base, tuned), tuned)
 
 
 def kl(p_log: Tensor, q_log: Tensor) -> Tensor:

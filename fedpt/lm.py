@@ -103,8 +103,10 @@ class HFCausalLM(LanguageModel):
             use_cache=cache is not None,
             logits_to_keep=keep,
         )
-        logits = out.logits[..., : self.vocab_size].float()
-        return torch.log_softmax(logits, dim=-1).cpu()
+        logprobs = out.logits[..., : self.vocab_size].float()
+        del out
+        logprobs -= logprobs.logsumexp(dim=-1, keepdim=True)  # log_softmax, in place: these tensors are big
+        return logprobs.cpu()
 
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, HFState]:
         from transformers import DynamicCache
