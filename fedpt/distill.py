@@ -21,6 +21,7 @@ from fedpt.data import Example, encode_example
 from fedpt.decoding import GenerationConfig, generate
 from fedpt.errors import FedptError
 from fedpt.evaluate import answer_batches
+from fedpt.fusion import Fusion
 from fedpt.lm import LanguageModel
 
 
@@ -34,7 +35,8 @@ class DistillConfig:
     steps: int = 12
     batch_size: int = 4
     learning_rate: float = 5e-4
-    alpha: float = 1.0  # the proxy used as teacher
+    alpha: float = 1.0  # the teacher: the proxy with this alpha,
+    weight: float = 0.0  # mixed with the tuned small model by this share (fedpt/fusion.py)
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.n_texts < 1 or self.top_k < 1 or self.steps < 1:
@@ -139,7 +141,8 @@ def make_distiller(config: Any) -> Callable[[int, Any, Any], dict | None] | None
         if server_round % settings.every:
             return None
         if id(model) not in teachers:  # one pair per model: its hooks stay on the model
-            teachers[id(model)] = ProxyTunedLM(large, AdapterPair(model, tokenizer), alpha=settings.alpha)
+            fusion = Fusion(alpha=settings.alpha, weight=settings.weight)
+            teachers[id(model)] = ProxyTunedLM(large, AdapterPair(model, tokenizer), fusion=fusion)
         targets = teacher_targets(teachers[id(model)], prompts, settings, config.tuning.max_length * 2)
         return distill(model, tokenizer, targets, settings, config.tuning.max_length * 2,
                        seed=config.seed * 1000 + server_round)

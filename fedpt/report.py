@@ -52,6 +52,7 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (used as matplotlib.ticker)
 
     names = []
     costs = results["costs"]
@@ -65,9 +66,11 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
             ax.plot(range(len(curve)), curve, marker="o", label=label)
     for key, style in [("fedpt_proxy", ":"), ("fedpt_best", "--")]:
         if key in models:
-            ax.axhline(models[key]["nll"], linestyle=style, color="gray", label=f"{NAMES[key]} (final, test)")
+            ax.axhline(models[key]["nll"], linestyle=style, color="gray", label=f"{NAMES[key]} (final)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("held-out NLL per answer token")
+    ax.set_ylabel("test NLL per answer token" if results.get("config", {}).get("federation", {}).get(
+        "eval_examples") == 0 else "NLL per answer token, first test pairs")
     ax.set_title("Held-out loss per round")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -83,3 +83,27 @@ def test_vocabulary_mismatch_on_the_command_line(monkeypatch, capsys, tiny):
 def test_models_list(monkeypatch, capsys, fedpt_home):
     code, out, _ = run(monkeypatch, capsys, "models", "list")
     assert code == 0 and "qwen2.5-coder-0.5b-instruct" in out and "not prepared" in out
+
+
+def test_report_is_rebuilt_from_results_json_alone(monkeypatch, capsys, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "data" / "results-small.json", tmp_path / "results.json")
+    code, out, err = run(monkeypatch, capsys, "report", tmp_path)
+    assert code == 0, err
+    report = (tmp_path / "report.md").read_text()
+    for png in ("rounds.png", "metrics.png", "costs.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in report
+    assert "| FedPT: fusion chosen on validation [alpha=0.5, w=0.5] | 1.650 |" in report
+    assert "| gap_closed_nll_at_least_0.8 | 0.700 | **no** |" in report
+    assert "Missed: gap_closed_nll_at_least_0.8, peak_memory_at_most_0.5, seconds_per_step_at_most_0.5" in report
+    assert "fedpt experiment --config tiny.toml --out runs/tiny" in report
+
+
+def test_report_errors(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "report", tmp_path)
+    assert code == 2 and "has no results.json" in err
+    (tmp_path / "results.json").write_text("{}")
+    code, _, err = run(monkeypatch, capsys, "report", tmp_path)
+    assert code == 2 and "not a fedpt experiment result" in err
