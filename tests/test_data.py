@@ -75,3 +75,24 @@ def test_polarity_task():
     assert len(examples) == 200
     assert {e.response for e in examples} == {"negative", "positive"} and all(e.group == e.response for e in examples)
     assert "movie review" in examples[0].prompt
+
+
+def test_hugging_face_source_maps_fields_and_reports_failures(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, subset=None, split=None):
+        calls.append((name, subset, split))
+        if name == "missing/set":
+            raise ConnectionError("Couldn't reach the Hub\nlong traceback")
+        return datasets.Dataset.from_dict({"question": ["hi", "bye"], "answer": ["hello", "ciao"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    config = DataConfig(source="hf:some/set:en", prompt_field="question", response_field="answer", split="train")
+    assert load_examples(config) == [Example("hi", "hello"), Example("bye", "ciao")]
+    assert calls == [("some/set", "en", "train")]
+    with pytest.raises(FedptError, match="cannot load Hugging Face dataset 'missing/set'.*Couldn't reach the Hub$"):
+        load_examples(DataConfig(source="hf:missing/set"))
+    with pytest.raises(FedptError, match=r"hf:some/set row 0: missing field\(s\) prompt"):
+        load_examples(DataConfig(source="hf:some/set", response_field="answer"))
