@@ -90,6 +90,7 @@ def test_report_is_rebuilt_from_results_json_alone(monkeypatch, capsys, tmp_path
     from pathlib import Path
 
     shutil.copy(Path(__file__).parent / "data" / "results-small.json", tmp_path / "results.json")
+    (tmp_path / "notes.md").write_text("The author's reading of the run.")
     code, out, err = run(monkeypatch, capsys, "report", tmp_path)
     assert code == 0, err
     report = (tmp_path / "report.md").read_text()
@@ -98,6 +99,8 @@ def test_report_is_rebuilt_from_results_json_alone(monkeypatch, capsys, tmp_path
     assert "| FedPT: fusion chosen on validation [alpha=0.5, w=0.5] | 1.650 |" in report
     assert "| gap_closed_nll_at_least_0.8 | 0.700 | **no** |" in report
     assert "Missed: gap_closed_nll_at_least_0.8, peak_memory_at_most_0.5, seconds_per_step_at_most_0.5" in report
+    assert "- Gap: proxy-tuning adds the small model's shift" in report and "- Memory: a FedPT client" in report
+    assert "- Bytes:" not in report and "## Notes\n\nThe author's reading of the run." in report
     assert "fedpt experiment --config tiny.toml --out runs/tiny" in report
 
 
