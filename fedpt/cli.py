@@ -171,6 +171,14 @@ def report(folder: Annotated[Path, typer.Argument(help="an experiment folder wit
 
 
 @app.command()
+def compare(folders: Annotated[list[Path], typer.Argument(help="experiment folders with results.json")]) -> None:
+    """One table over several experiments, e.g. ablations of one recipe: what differs, NLLs, gap, cost ratios."""
+    from fedpt.report import compare as table
+
+    print(table(folders), end="")
+
+
+@app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(help="output folder (default: a new one under runs/demo/)")] = None,
     questions: int = 6,

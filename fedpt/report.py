@@ -243,3 +243,33 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
     path = folder / "report.md"
     path.write_text(markdown(results, notes.read_text() if notes.is_file() else ""))
     return path
+
+
+def _recipe_differences(runs: list[dict[str, Any]]) -> list[str]:
+    """Per run, the config values (section.key) that are not the same in every run."""
+    flat = [{f"{s}.{k}": v for s, section in r.get("config", {}).items() if isinstance(section, dict)
+             for k, v in section.items()} for r in runs]
+    keys = sorted({k for f in flat for k in f if len({json.dumps(g.get(k)) for g in flat}) > 1})
+    skip = ("experiment.distill_variant", "experiment.central_small")  # which extras ran, not the recipe
+    return [", ".join(f"{k}={f.get(k)}" for k in keys if k not in skip) or "-" for f in flat]
+
+
+def compare(folders: list[Path]) -> str:
+    """One markdown table over several experiments (ablations): the recipe that differs, NLLs, gap, cost ratios."""
+    runs = [load_results(folder) for folder in folders]
+    lines = ["| run | differs in | small federated | large base | large direct | FedPT alpha (gap) | "
+             "FedPT chosen (gap) | chosen fusion | memory | s / step | bytes / round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for folder, r, diff in zip(folders, runs, _recipe_differences(runs)):
+        m, gaps, ratio = r["models"], r.get("gap_closed_nll", {}), r["cost_ratio_fedpt_over_direct"]
+        cells = [folder.name, diff, _fmt(m["small_fedpt"]["nll"]), _fmt(m["large_base"]["nll"]),
+                 _fmt(m["large_direct"]["nll"]),
+                 f"{_fmt(m['fedpt_proxy']['nll'])} ({_fmt(gaps.get('fedpt_proxy'), 2)})",
+                 f"{_fmt(m['fedpt_best']['nll'])} ({_fmt(gaps.get('fedpt_best'), 2)})",
+                 m["fedpt_best"].get("fusion", "-"), _fmt(ratio["peak_memory_bytes"], 2),
+                 _fmt(ratio["seconds_per_step"], 2),
+                 _fmt(max(ratio["bytes_up_per_client_round"], ratio["bytes_down_per_client_round"]), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "NLL per answer token on each run's test split; gap = share of the large base -> large direct "
+              "NLL gap closed; memory, s / step, bytes: FedPT client / direct client."]
+    return "\n".join(lines) + "\n"

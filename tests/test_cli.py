@@ -104,6 +104,23 @@ def test_report_is_rebuilt_from_results_json_alone(monkeypatch, capsys, tmp_path
     assert "fedpt experiment --config tiny.toml --out runs/tiny" in report
 
 
+def test_compare_tables_runs_and_the_recipe_that_differs(monkeypatch, capsys, tmp_path):
+    from pathlib import Path
+
+    results = json.loads((Path(__file__).parent / "data" / "results-small.json").read_text())
+    for name, rounds in (("short", 2), ("long", 8)):
+        (tmp_path / name).mkdir()
+        results["config"]["federation"]["rounds"] = rounds
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    code, out, err = run(monkeypatch, capsys, "compare", tmp_path / "short", tmp_path / "long")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith(("| short", "| long"))]
+    assert len(rows) == 2 and "| federation.rounds=2 |" in rows[0] and "| federation.rounds=8 |" in rows[1]
+    assert "1.650 (0.70)" in rows[0]
+    code, _, err = run(monkeypatch, capsys, "compare", tmp_path / "missing")
+    assert code == 2 and "has no results.json" in err
+
+
 def test_report_errors(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "report", tmp_path)
     assert code == 2 and "has no results.json" in err
