@@ -129,6 +129,8 @@ def from_dict(tree: dict[str, Any], where: str = "config") -> RunConfig:
     """Build and check a RunConfig from a nested dict; unknown keys and wrong types are one-line errors."""
     top = {f.name for f in fields(RunConfig)}
     unknown = set(tree) - top
+    if "kd_every" in unknown:
+        raise FedptError(f"{where}: the distillation loop's kd_every is written `[distill] every = K` here")
     if unknown:
         raise FedptError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(top)}")
     values: dict[str, Any] = {}

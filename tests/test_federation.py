@@ -156,6 +156,8 @@ def test_config_file_overrides_and_errors(tmp_path):
         cfg.load(path, ["federation.rounds=many"])
     with pytest.raises(FedptError, match="unknown strategy"):
         cfg.load(None, ["federation.strategy=fedsgd"])
+    with pytest.raises(FedptError, match=r"kd_every is written `\[distill\] every = K`"):
+        cfg.load(None, ["kd_every=2"])
     with pytest.raises(FedptError, match="does not exist"):
         cfg.load(tmp_path / "nope.toml")
     path.write_text("[federation\n")
