@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -154,8 +155,8 @@ def experiment(
 
     _quiet_transformers()
     run = cfg.load(config, set_ or [])
-    command = " ".join(["fedpt experiment", *(["--config", str(config)] if config else []), "--out", str(out),
-                        *[f"--set {item}" for item in set_ or []]])
+    command = shlex.join(["fedpt", "experiment", *(["--config", str(config)] if config else []), "--out", str(out),
+                          *[arg for item in set_ or [] for arg in ("--set", item)]])
     results = run_experiment(run, out, command=command)
     print(out / "report.md")
     for name, target in results["targets"].items():
