@@ -32,6 +32,7 @@ class TuneConfig:
     weight_decay: float = 0.0
     batch_size: int = 4
     max_length: int = 96
+    pad_multiple: int = 16  # batch widths padded to a multiple: few shapes, so CPU kernel caches stop growing
     local_steps: int = 10
     local_epochs: float = 0.0  # when > 0, train this many passes over the client's data instead of local_steps
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss
@@ -41,7 +42,7 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("lora", "full"):
             raise FedptError(f"tuning mode must be 'lora' or 'full', got '{self.mode}'")
-        for name in ("lora_r", "batch_size", "max_length"):
+        for name in ("lora_r", "batch_size", "max_length", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise FedptError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.local_steps < 1 and self.local_epochs <= 0:
@@ -119,6 +120,8 @@ def batches(
         for start in range(0, len(order), config.batch_size):
             rows = [encoded[i] for i in order[start : start + config.batch_size]]
             width = max(len(ids) for ids, _ in rows)
+            # oneDNN caches kernels per input shape: every new width held on to more memory, round after round
+            width = -(-width // config.pad_multiple) * config.pad_multiple
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             labels = torch.full((len(rows), width), -100, dtype=torch.long)

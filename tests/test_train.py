@@ -107,3 +107,19 @@ def test_answer_loss_equals_the_full_forward_loss(tiny):
     ids, mask, labels = next(batches(tokenizer, DATA, TuneConfig(batch_size=4), random.Random(0)))
     full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(answer_loss(model, ids, mask, labels), full, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_to_a_multiple_keeps_the_loss(tiny):
+    import random
+
+    import torch
+
+    from fedpt.train import answer_loss, batches
+
+    model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+    model = make_trainable(model, TuneConfig(), seed=1)
+    tight = next(batches(tokenizer, DATA, TuneConfig(batch_size=4, pad_multiple=1), random.Random(0)))
+    padded = next(batches(tokenizer, DATA, TuneConfig(batch_size=4, pad_multiple=16), random.Random(0)))
+    assert padded[0].shape[1] % 16 == 0 and padded[0].shape[1] > tight[0].shape[1]
+    assert int(padded[1].sum()) == int(tight[1].sum())  # the same real tokens, only more padding
+    torch.testing.assert_close(answer_loss(model, *padded), answer_loss(model, *tight), atol=1e-5, rtol=1e-5)
