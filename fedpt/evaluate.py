@@ -16,6 +16,7 @@ from fedpt.lm import LanguageModel, pad_left
 from fedpt.proxy import ExpertPair
 
 ANSWER_TOKENS_PER_BATCH = 384  # rows x scored positions: each (positions x 150k vocabulary) float tensor ~ 230 MB
+FUSION_POSITIONS = 128  # positions combined at once when scoring fusions
 
 
 def answer_batches(tokenizer: Any, examples: Sequence[Example], batch_size: int, max_length: int, chat: bool,
@@ -84,18 +85,18 @@ def fusion_logprobs(large: LanguageModel, expert: ExpertPair, examples: Sequence
         models["small_base"], models["small_tuned"] = expert.logprobs(ids, mask, longest + 1)
         models = {k: v[:, :-1][wanted] for k, v in models.items()}
         picked = {k: v.gather(-1, targets[:, None]).squeeze(-1) for k, v in models.items()}
-        slices = []
-        for s in range(0, len(targets), 128):  # a fusion makes several (positions x vocabulary) temporaries
-            large_s, base_s, tuned_s = (models[m][s : s + 128] for m in ("large", "small_base", "small_tuned"))
+        chunks: dict[str, list[Tensor]] = {f.label: [] for f in fusions}
+        for s in range(0, len(targets), FUSION_POSITIONS):  # a fusion makes several (positions x vocab) temporaries
+            large_s, base_s, tuned_s = (models[m][s : s + FUSION_POSITIONS] for m in ("large", "small_base",
+                                                                                      "small_tuned"))
             steered: dict[tuple, Tensor] = {}  # the proxy part is shared by every mixture weight
             for fusion in fusions:
                 key = (fusion.dynamic, None if fusion.dynamic else fusion.alpha)
                 if key not in steered:
                     steered[key] = fusion.steer(large_s, base_s, tuned_s)
                 mixed = fusion.mix(steered[key], tuned_s)
-                slices.append((fusion.label, mixed.gather(-1, targets[s : s + 128, None]).squeeze(-1)))
-        for fusion in fusions:
-            picked[fusion.label] = torch.cat([values for label, values in slices if label == fusion.label])
+                chunks[fusion.label].append(mixed.gather(-1, targets[s : s + FUSION_POSITIONS, None]).squeeze(-1))
+        picked.update({label: torch.cat(values) for label, values in chunks.items()})
         for key in keys:
             for i, scores in zip(rows, picked[key].split(answers)):
                 out[key][i] = scores.clone()
