@@ -17,19 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def one_variant(model: str, config: str, rounds: int, steps: int, pad_multiple: int) -> list[dict]:
     from fedpt import config as cfg
-    from fedpt.costs import rss_bytes
-    from fedpt.data import load_examples, splits
+    from fedpt.data import load_splits
     from fedpt.federation.partition import partition
-    from fedpt.lm import load_model
-    from fedpt.train import make_trainable, set_trainable_state, train, trainable_state
+    from fedpt.models import load_model
+    from fedpt.runtime import setup_process
+    from fedpt.tuning.costs import rss_bytes
+    from fedpt.tuning.local import make_trainable, set_trainable_state, train, trainable_state
 
+    setup_process()
     run = cfg.load(config, [f"tuning.local_steps={steps}", f"tuning.pad_multiple={pad_multiple}"])
-    clients = partition(splits(load_examples(run.data), run.data)["train"], run.federation, run.seed)
+    clients = partition(load_splits(run.data)["train"], run.federation, run.seed)
     lm, tokenizer, _ = load_model(model, dtype=run.tuning.dtype)
     lm = make_trainable(lm, run.tuning, seed=run.seed)
     start = trainable_state(lm)

@@ -17,13 +17,13 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from fedpt.decoding import encode_prompt  # noqa: E402
-from fedpt.lm import HFCausalLM, LanguageModel, load_model, pad_left, quantize_int8  # noqa: E402
-from fedpt.proxy import AdapterPair, ProxyTunedLM  # noqa: E402
+from fedpt.data import encode_prompt
+from fedpt.models import HFCausalLM, LanguageModel, load_model, pad_left
+from fedpt.models.int8 import quantize_int8
+from fedpt.proxy import AdapterPair, ProxyTunedLM
+from fedpt.runtime import setup_process
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/decode.json"))
     args = parser.parse_args()
+    setup_process()
 
     from peft import LoraConfig, get_peft_model
 

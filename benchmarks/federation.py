@@ -16,10 +16,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from fedpt import config as cfg  # noqa: E402
-from fedpt.federation.run import simulate  # noqa: E402
+from fedpt import config as cfg
+from fedpt.federation.run_folder import read_metrics
+from fedpt.federation.simulation import simulate
 
 MEASURES = ("bytes_down", "bytes_up", "peak_memory_bytes", "seconds_per_step")
 
@@ -32,7 +31,7 @@ def federate(model: str, args: argparse.Namespace, out: Path) -> dict:
     ], out=str(out))
     run = cfg.replace(run, model={"small": model})
     simulate(run)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     per_round = [{"round": r["round"], "clients": [{k: c[k] for k in ("partition-id", *MEASURES, "train_loss")}
                                                    for c in r["clients"]]} for r in rows if r["round"] > 0]
     clients = [c for r in per_round for c in r["clients"]]

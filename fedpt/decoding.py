@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedpt.data import encode_prompt, pad_id
 from fedpt.errors import FedptError
-from fedpt.lm import LanguageModel, pad_left
+from fedpt.models import LanguageModel, pad_left
+from fedpt.runtime import task
 
 
 @dataclass
@@ -34,23 +36,6 @@ class GenerationConfig:
             raise FedptError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
-def format_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> str:
-    """The text the model reads: the chat template around a user turn, or the raw prompt."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
-
-
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> list[int]:
-    return tokenizer(format_prompt(tokenizer, prompt, chat), add_special_tokens=not chat)["input_ids"]
-
-
-def pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def choose(logprobs: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
     """Pick one token per row: argmax when temperature is 0, else sample from the top-p nucleus."""
     if temperature == 0:
@@ -71,16 +56,13 @@ def generate(
     """Continue each prompt, a batch at a time; `progress` (a rich Progress) shows the prompts done."""
     config = config or GenerationConfig()
     generator = torch.Generator().manual_seed(config.seed)
-    task = progress.add_task(f"generating with {lm.name}", total=len(prompts)) if progress is not None else None
     outputs: list[str] = []
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = [encode_prompt(lm.tokenizer, p, config.chat) for p in prompts[start : start + config.batch_size]]
-        for tokens in generate_tokens(lm, chunk, config, generator):
-            outputs.append(truncate_at_stop(lm.tokenizer.decode(tokens, skip_special_tokens=True), config.stop))
-        if task is not None:
-            progress.advance(task, len(chunk))
-    if task is not None:
-        progress.remove_task(task)
+    with task(progress, f"generating with {lm.name}", len(prompts)) as advance:
+        for start in range(0, len(prompts), config.batch_size):
+            chunk = [encode_prompt(lm.tokenizer, p, config.chat) for p in prompts[start : start + config.batch_size]]
+            for tokens in generate_tokens(lm, chunk, config, generator):
+                outputs.append(truncate_at_stop(lm.tokenizer.decode(tokens, skip_special_tokens=True), config.stop))
+            advance(len(chunk))
     return outputs
 
 

@@ -14,13 +14,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fedpt.config import RunConfig
-from fedpt.data import load_examples, splits
+from fedpt.config import RunConfig, load
+from fedpt.data import load_splits
 from fedpt.decoding import GenerationConfig, generate
-from fedpt.evaluate import nll
-from fedpt.federation.run import simulate
-from fedpt.lm import HFCausalLM
+from fedpt.federation.simulation import simulate
+from fedpt.models import HFCausalLM
 from fedpt.proxy import ProxyTunedLM, load_expert
+from fedpt.scoring import nll
 
 
 def run_demo(config: RunConfig, n_questions: int = 6) -> None:
@@ -34,9 +34,9 @@ def run_demo(config: RunConfig, n_questions: int = 6) -> None:
     console.print(f"   federated adapter: {final} ({time.time() - started:.0f} s)")
 
     console.print(f"[bold]2. proxy-tuning[/] {config.model.large} with it")
-    large = HFCausalLM.load(config.model.large)
-    proxy = ProxyTunedLM(large, load_expert(config.model.small, final), alpha=1.0)
-    heldout = splits(load_examples(config.data), config.data)["test"]
+    large = HFCausalLM.load(config.model.large, dtype=config.tuning.dtype)
+    proxy = ProxyTunedLM(large, load_expert(config.model.small, final, dtype=config.tuning.dtype), alpha=1.0)
+    heldout = load_splits(config.data)["test"]
     questions = list({q.prompt: q for q in reversed(heldout)}.values())[::-1][:n_questions]  # one per prompt
     with Progress(console=console, transient=True) as progress:
         answers = {name: generate(lm, [q.prompt for q in questions], GenerationConfig(max_new_tokens=40),
@@ -59,6 +59,4 @@ def run_demo(config: RunConfig, n_questions: int = 6) -> None:
 
 def demo_config(out: Path | None = None) -> RunConfig:
     """The embedded defaults, writing to a fresh folder under runs/demo/."""
-    from fedpt.config import load
-
     return load(None, [], out=str(out or Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")))

@@ -1,15 +1,19 @@
-"""Tiny random Qwen2 models with a tokenizer trained here: every unit test runs offline in well under a second."""
+"""Tiny random Qwen2 models with a tokenizer trained here, a tiny adapter, and a tiny question/answer file:
+every unit test runs offline in well under a second."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpt.runtime import setup_process
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+setup_process()
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -80,3 +84,96 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def fedpt_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDPT_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def lora(tiny):
+    """lora(random=True) -> (peft model, tokenizer): the tiny small model in float32 with a LoRA adapter on q and v,
+    random (so that tuned differs from base) or as peft initialises it (B = 0: tuned equals base)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedpt.models import load_model
+
+    def make(random: bool = True, seed: int = 0):
+        model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=not random)
+        return get_peft_model(model, config).eval(), tokenizer
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(lora, tmp_path_factory) -> Path:
+    """A saved random LoRA adapter for the tiny small model (what `fedpt generate --adapter` takes)."""
+    folder = tmp_path_factory.mktemp("adapter")
+    lora()[0].save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qa_file(tmp_path_factory) -> Path:
+    """Three groups of question/answer pairs in the tiny tokenizer's words."""
+    rows = []
+    topics = {"names": ["what is your name", "my name is fedpt"], "jokes": ["tell me a joke", "why did the chicken"],
+              "hello": ["hello world", "good morning to you"]}
+    for group, (q, a) in topics.items():
+        for i in range(12):
+            rows.append({"prompt": f"{q} {i}", "response": f"{a} {i}", "topic": group})
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny, qa_file):
+    """tiny_run(out, **sections) -> a RunConfig of 3 clients x 2 rounds on the tiny models and qa_file."""
+    from fedpt import config as cfg
+
+    def make(out: Path, **sections) -> cfg.RunConfig:
+        base = cfg.load(None, [], out=str(out))
+        run = cfg.replace(
+            base,
+            model={"small": str(tiny["small"]), "large": str(tiny["large"])},
+            data={"source": str(qa_file), "group_field": "topic", "test_percent": 20, "validation_percent": 0},
+            federation={"clients": 3, "rounds": 2, "eval_examples": 8, "client_cpus": 1},
+            tuning={"dtype": "float32", "local_steps": 2, "batch_size": 2, "max_length": 32, "learning_rate": 5e-3},
+        )
+        return cfg.replace(run, **sections) if sections else run
+
+    return make
+
+
+PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "hello"]
+
+
+@pytest.fixture(scope="session")
+def encode():
+    """encode(tokenizer, prompts=PROMPTS) -> left-padded (ids, mask) of chat-formatted prompts."""
+    from fedpt.data import encode_prompt
+    from fedpt.models import pad_left
+
+    def make(tokenizer, prompts=PROMPTS):
+        return pad_left([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+
+    return make
+
+
+@pytest.fixture()
+def cli(monkeypatch, capsys):
+    """cli(*args) -> (exit code, stdout, stderr) of `fedpt ARGS`, run in this process."""
+    import sys
+
+    from fedpt.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["fedpt", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

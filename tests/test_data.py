@@ -1,7 +1,21 @@
+import importlib.util
+
 import pytest
 
-from fedpt.data import DataConfig, Example, encode_example, load_examples, splits
+from fedpt.data import (
+    DataConfig,
+    Example,
+    encode_example,
+    load_examples,
+    load_splits,
+    splits,
+    training_prompts,
+    wikipedia_prompts,
+)
 from fedpt.errors import FedptError
+
+needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
+                                  reason="gensim's test data is an extra: pip install 'fedpt[gensim]'")
 
 
 def test_chatterbot_categories_and_fixed_splits():
@@ -70,6 +84,7 @@ def test_encoding_scores_the_answer_only(tiny):
     assert len(short_ids) <= 16 and any(t != -100 for t in short_labels)
 
 
+@needs_gensim
 def test_polarity_task():
     examples = load_examples(DataConfig(source="polarity"))
     assert len(examples) == 200
@@ -96,3 +111,27 @@ def test_hugging_face_source_maps_fields_and_reports_failures(monkeypatch):
         load_examples(DataConfig(source="hf:missing/set"))
     with pytest.raises(FedptError, match=r"hf:some/set row 0: missing field\(s\) prompt"):
         load_examples(DataConfig(source="hf:some/set", response_field="answer"))
+
+
+@needs_gensim
+def test_wikipedia_passages():
+    prompts = wikipedia_prompts(3, seed=0)
+    assert len(prompts) == 3 and all(p.startswith("Continue this text: ") and len(p.split()) > 30 for p in prompts)
+    assert prompts == wikipedia_prompts(3, seed=0) != wikipedia_prompts(3, seed=1)
+
+
+def test_training_prompts_are_distinct_training_prompts_without_answers(qa_file):
+    config = DataConfig(source=str(qa_file), test_percent=20, validation_percent=0)
+    train = {e.prompt for e in load_splits(config)["train"]}
+    prompts = training_prompts(config, 5, seed=0)
+    assert len(prompts) == len(set(prompts)) == 5 and set(prompts) <= train
+    assert sorted(training_prompts(config, 1000, seed=0)) == sorted(train)
+
+
+def test_a_missing_optional_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real(name, *a))
+    with pytest.raises(FedptError, match=r"the polarity task needs the package gensim: pip install 'fedpt\[gensim\]'"):
+        load_examples(DataConfig(source="polarity"))
+    with pytest.raises(FedptError, match=r"needs the package gensim: pip install 'fedpt\[gensim\]'"):
+        wikipedia_prompts(3, seed=0)

@@ -1,22 +1,24 @@
 """The Flower ClientApp: a device that fine-tunes the small model on its own data, round after round.
 
 A thin layer: the data comes from fedpt.data (and fedpt.federation.partition in simulation), the training
-from fedpt.train. Which data a node owns is set by its node config: `partition-id` / `num-partitions`
+from fedpt.tuning.local. Which data a node owns is set by its node config: `partition-id` / `num-partitions`
 (a share of the run's data source, as in simulation), or `data` (a local .jsonl/.csv file of this device).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import lru_cache
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpt.config import RunConfig, from_flat, replace
-from fedpt.data import Example, load_examples, splits
+from fedpt.config import RunConfig, TuneConfig, from_dict, from_flat, replace
+from fedpt.data import Example, load_splits
 from fedpt.errors import FedptError
+from fedpt.runtime import setup_process
 
 app = ClientApp()
 
@@ -30,43 +32,33 @@ def client_examples(config: RunConfig, node_config: dict[str, Any]) -> tuple[int
     """(partition id, training examples) of this node."""
     if "data" in node_config:
         data = replace(config, data={"source": str(node_config["data"])}).data
-        return int(node_config.get("partition-id", 0)), splits(load_examples(data), data)["train"]
+        return int(node_config.get("partition-id", 0)), load_splits(data)["train"]
     if "partition-id" not in node_config:
         raise FedptError("this SuperNode has neither 'partition-id' nor 'data' in its --node-config")
     pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", config.federation.clients))
     if n != config.federation.clients or not 0 <= pid < n:
         raise FedptError(f"node partition {pid} of {n} does not fit federation.clients = {config.federation.clients}")
-    return pid, _partitions(config)[pid]
+    tree = config.to_dict()
+    key = json.dumps({"seed": tree["seed"], "data": tree["data"], "federation": tree["federation"]}, sort_keys=True)
+    return pid, _partitions(key)[pid]
 
 
 @lru_cache(maxsize=4)
-def _partitions_cached(key: str) -> list[list[Example]]:
-    import json
-
-    from fedpt.config import from_dict
+def _partitions(key: str) -> list[list[Example]]:
+    """Every client's examples for one (seed, data, federation) setting, computed once per process."""
     from fedpt.federation.partition import partition
 
     config = from_dict(json.loads(key))
-    return partition(splits(load_examples(config.data), config.data)["train"], config.federation, config.seed)
-
-
-def _partitions(config: RunConfig) -> list[list[Example]]:
-    import json
-
-    tree = config.to_dict()
-    key = json.dumps({"seed": tree["seed"], "data": tree["data"], "federation": tree["federation"]}, sort_keys=True)
-    return _partitions_cached(key)
+    return partition(load_splits(config.data)["train"], config.federation, config.seed)
 
 
 @lru_cache(maxsize=1)
 def trainable_model(small: str, tuning_key: str) -> tuple[Any, Any]:
     """The small model with a fresh adapter, loaded once per process: later rounds only overwrite the weights."""
-    import json
+    from fedpt.models import load_model
+    from fedpt.tuning.local import make_trainable
 
-    from fedpt.lm import load_model
-    from fedpt.train import TuneConfig, make_trainable
-
-    tuning = TuneConfig.from_dict(json.loads(tuning_key))
+    tuning = TuneConfig(**json.loads(tuning_key))
     model, tokenizer, _ = load_model(small, dtype=tuning.dtype)
     return make_trainable(model, tuning), tokenizer
 
@@ -78,6 +70,7 @@ def _config(message: Message) -> RunConfig:
 @app.query()
 def describe(message: Message, context: Context) -> Message:
     """Tell the server which partition this node holds and how many examples it has."""
+    setup_process()
     pid, examples = client_examples(_config(message), dict(context.node_config))
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-examples": len(examples)})}),
                    reply_to=message)
@@ -85,10 +78,9 @@ def describe(message: Message, context: Context) -> Message:
 
 @app.train()
 def train_round(message: Message, context: Context) -> Message:
-    import json
+    from fedpt.tuning.local import set_trainable_state, train, trainable_state
 
-    from fedpt.train import set_trainable_state, train, trainable_state
-
+    setup_process()
     config = _config(message)
     server_round = int(message.content["config"]["server-round"])
     mu = float(message.content["config"].get("proximal-mu", 0.0))  # sent by Flower's FedProx

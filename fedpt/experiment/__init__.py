@@ -1,0 +1,1 @@
+"""The FedPT experiment: its stages (train, evaluate, summarize), results.json, and the report."""

@@ -1,0 +1,105 @@
+"""Scoring the experiment's models on the held-out splits: the fusion grid on validation and test (each model run
+once), the choice made on validation, single models on test, and greedy answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedpt.config import ExperimentConfig, RunConfig
+from fedpt.data import Example
+from fedpt.decoding import GenerationConfig, generate
+from fedpt.models import LanguageModel
+from fedpt.proxy import ExpertPair, Fusion
+from fedpt.scoring import (
+    choice_accuracy,
+    exact_match,
+    fusion_logprobs,
+    option_examples,
+    response_logprobs,
+    rouge_l,
+    summarize,
+)
+
+
+def fusions_for(experiment: ExperimentConfig) -> list[Fusion]:
+    """The grid searched on validation: each alpha alone, each alpha with each mixture weight, and dynamic alpha."""
+    alphas = sorted({*experiment.alphas, experiment.alpha})
+    grid = [Fusion(alpha=a, weight=w) for a in alphas for w in (0.0, *experiment.fusion_weights)]
+    if experiment.dynamic:
+        grid += [Fusion(dynamic=True, weight=w) for w in (0.0, *experiment.fusion_weights)]
+    return grid
+
+
+def best(validation_nll: dict[str, float], labels: Sequence[str]) -> str:
+    return min(labels, key=lambda label: validation_nll[label])
+
+
+def choose(grid: dict[str, dict], fusions: Sequence[Fusion]) -> dict[str, str | None]:
+    """The best fusion of each kind by validation NLL (the test split is never looked at)."""
+    validation_nll = {label: grid[label]["validation"]["nll"] for label in grid}
+    dynamic = [f.label for f in fusions if f.dynamic]
+    return {
+        "alpha": best(validation_nll, [f.label for f in fusions if not f.dynamic and not f.weight]),
+        "mixture": best(validation_nll, [f.label for f in fusions if f.weight]),
+        "dynamic": best(validation_nll, dynamic) if dynamic else None,
+        "overall": best(validation_nll, [f.label for f in fusions]),
+    }
+
+
+class Evaluation:
+    """Scores models on the test split (and fusion grids on validation too), collecting one row per model."""
+
+    def __init__(self, config: RunConfig, test: list[Example], validation: list[Example], progress: Any):
+        self.test, self.validation, self.progress = test, validation, progress
+        self.experiment = config.experiment
+        self.max_length = config.score_max_length
+        self.options = sorted({e.response for e in test + validation}) if self.experiment.metric == "choice" else []
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def score(self, name: str, lm: LanguageModel) -> None:
+        """NLL (and accuracy over the options) of one LanguageModel on the test split."""
+        row = self.rows.setdefault(name, {})
+        row.update(summarize(response_logprobs(lm, self.test, max_length=self.max_length, progress=self.progress)))
+        if self.options:
+            scores = response_logprobs(lm, option_examples(self.test, self.options), max_length=self.max_length,
+                                       progress=self.progress)
+            row["accuracy"] = choice_accuracy(scores, self.test, self.options)
+
+    def score_fusions(self, large: LanguageModel, expert: ExpertPair, fusions: list[Fusion]) -> dict[str, dict]:
+        """The large base, the small pair and every fusion, on validation and test, each model run once.
+
+        Keys: "large", "small_base", "small_tuned" and each fusion's label; values {"validation": ..., "test": ...}.
+        """
+        found: dict[str, dict] = {}
+        for split, examples in (("validation", self.validation), ("test", self.test)):
+            scores = fusion_logprobs(large, expert, examples, fusions, max_length=self.max_length,
+                                     progress=self.progress)
+            for key, values in scores.items():
+                found.setdefault(key, {})[split] = summarize(values)
+            if self.options:
+                option_scores = fusion_logprobs(large, expert, option_examples(examples, self.options), fusions,
+                                                max_length=self.max_length, progress=self.progress)
+                for key, values in option_scores.items():
+                    found[key][split]["accuracy"] = choice_accuracy(values, examples, self.options)
+        return found
+
+    def answers(self, name: str, lm: LanguageModel) -> None:
+        """Greedy answers to the first test prompts: ROUGE-L, exact match, and seconds per generated token."""
+        if self.experiment.metric != "rouge" or not self.experiment.generate_examples:
+            return
+        examples = self.test[: self.experiment.generate_examples]
+        started = time.perf_counter()
+        texts = generate(lm, [e.prompt for e in examples],
+                         GenerationConfig(max_new_tokens=self.experiment.max_new_tokens), progress=self.progress)
+        seconds = time.perf_counter() - started
+        tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+        row = self.rows.setdefault(name, {})
+        row["rouge_l"] = float(np.mean([rouge_l(t, e.response) for t, e in zip(texts, examples)]))
+        row["exact_match"] = float(np.mean([exact_match(t, e.response) for t, e in zip(texts, examples)]))
+        row["seconds_per_token"] = seconds / max(tokens, 1)
+        row["samples"] = [{"prompt": e.prompt, "reference": e.response, "answer": t}
+                          for e, t in list(zip(examples, texts))[:6]]

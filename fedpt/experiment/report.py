@@ -1,0 +1,256 @@
+"""Plots and a readable report of an experiment, made from its results.json alone (`fedpt report DIR`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedpt.experiment.results import (
+    BYTES_TARGET,
+    COST_TARGETS,
+    MEMORY_TARGET,
+    NAMES,
+    ORDER,
+    STEP_TARGET,
+    gap_closed,
+    is_missing,
+    load_results,
+)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if is_missing(value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def plot(results: dict[str, Any], folder: Path) -> list[str]:
+    """rounds.png, metrics.png, costs.png; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    names = []
+    costs = results["costs"]
+    models = results["models"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in [("fedpt", "FedPT: small model, federated"), ("fedpt_distill", "FedPT + distillation"),
+                       ("direct", "baseline: large model, federated")]:
+        if key in costs:
+            curve = costs[key]["heldout_nll_per_round"]
+            ax.plot(range(len(curve)), curve, marker="o", label=label)
+    for key, style in [("fedpt_proxy", ":"), ("fedpt_best", "--")]:
+        if key in models:
+            ax.axhline(models[key]["nll"], linestyle=style, color="gray", label=f"{NAMES[key]} (final)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test NLL per answer token" if results.get("config", {}).get("federation", {}).get(
+        "eval_examples") == 0 else "NLL per answer token, first test pairs")
+    ax.set_title("Held-out loss per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "rounds.png", dpi=120)
+    plt.close(fig)
+    names.append("rounds.png")
+
+    present = [k for k in ORDER if k in models]
+    metric = "rouge_l" if all("rouge_l" in models[k] for k in present if k in ("large_base", "large_direct")) \
+        else "accuracy"
+    panels = [("nll", "NLL per answer token (lower is better)")]
+    if any(metric in models[k] for k in present):
+        panels.append((metric, f"{'ROUGE-L' if metric == 'rouge_l' else 'accuracy'} (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    axes = [axes] if len(panels) == 1 else axes
+    for ax, (key, title) in zip(axes, panels):
+        keys = [k for k in present if key in models[k]]
+        ax.barh([NAMES[k] for k in keys], [models[k][key] for k in keys],
+                color=["tab:orange" if k.startswith("fedpt") else "tab:blue" for k in keys])
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "metrics.png", dpi=120)
+    plt.close(fig)
+    names.append("metrics.png")
+
+    measures = [("peak_memory_bytes", "client peak memory (GB)", 1e9),
+                ("seconds_per_step", "seconds per local step", 1),
+                ("bytes_up_per_client_round", "MB sent per client and round", 1e6),
+                ("flops_per_client_round", "training TFLOPs per client and round", 1e12)]
+    fig, axes = plt.subplots(1, len(measures), figsize=(14, 3.5))
+    for ax, (key, title, scale) in zip(axes, measures):
+        ax.bar(["FedPT", "direct"], [costs["fedpt"][key] / scale, costs["direct"][key] / scale],
+               color=["tab:orange", "tab:blue"])
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / "costs.png", dpi=120)
+    plt.close(fig)
+    names.append("costs.png")
+    return names
+
+
+def why(results: dict[str, Any], missed: list[str]) -> list[str]:
+    """The measured facts behind each missed target, so a reader sees where the shortfall comes from."""
+    models, costs = results["models"], results["costs"]
+    fedpt, direct = costs["fedpt"], costs["direct"]
+    lines = []
+    if any(name.startswith("gap_closed") for name in missed):
+        small_gain = models["small_base"]["nll"] - models["small_fedpt"]["nll"]
+        large_gain = models["large_base"]["nll"] - models["large_direct"]["nll"]
+        lines.append(
+            f"Gap: proxy-tuning adds the small model's shift to the large model. Federation lowered the small "
+            f"model's test NLL by {small_gain:.3f} and direct tuning lowered the large model's by {large_gain:.3f}; "
+            f"the small model alone, tuned, reaches {models['small_fedpt']['nll']:.3f} against the large base's "
+            f"{models['large_base']['nll']:.3f} and the direct baseline's {models['large_direct']['nll']:.3f}.")
+    if MEMORY_TARGET in missed:
+        lines.append(
+            f"Memory: a FedPT client peaked at {fedpt['peak_memory_bytes'] / 1e9:.2f} GB against "
+            f"{direct['peak_memory_bytes'] / 1e9:.2f} GB; both include the same fixed share (Python, torch, "
+            "tokenizer, the client runtime), which the smaller model cannot shrink.")
+    if STEP_TARGET in missed:
+        lines.append(
+            f"Time: {fedpt['seconds_per_step']:.2f} s against {direct['seconds_per_step']:.2f} s per local step, "
+            "at the same batch and sequence length.")
+    if BYTES_TARGET in missed:
+        lines.append(
+            f"Bytes: {fedpt['bytes_up_per_client_round'] / 1e6:.2f} MB against "
+            f"{direct['bytes_up_per_client_round'] / 1e6:.2f} MB sent per client and round: the adapted modules' "
+            "widths decide the adapter's size.")
+    return lines
+
+
+def markdown(results: dict[str, Any], notes: str = "") -> str:
+    """The report; `notes` (a folder's notes.md) adds the author's reading of the results."""
+    models, ratio, targets = results["models"], results["cost_ratio_fedpt_over_direct"], results["targets"]
+    data, config = results.get("data", {}), results.get("config", {})
+    fed, tuning, model = config.get("federation", {}), config.get("tuning", {}), config.get("model", {})
+    lines = ["# FedPT experiment report", ""]
+    if results.get("command"):
+        lines += ["Made by:", "", f"    {results['command']}", ""]
+    lines += [
+        f"Task: `{data.get('source')}` ({data.get('train')} training, {data.get('validation')} validation, "
+        f"{data.get('test')} test pairs; metric {data.get('metric')}). Small model `{model.get('small')}`,"
+        f" large model `{model.get('large')}`. Recipe: {fed.get('clients')} clients "
+        f"({fed.get('partition')} partition), {fed.get('rounds')} rounds of {tuning.get('local_steps')} local steps, "
+        f"batch {tuning.get('batch_size')}, {fed.get('strategy')}, LoRA r={tuning.get('lora_r')} on "
+        f"{', '.join(tuning.get('target_modules', []))}, learning rate {tuning.get('learning_rate')}.",
+        "",
+        "## Targets",
+        "",
+        "| target | value | met |",
+        "|---|---|---|",
+    ]
+    for name, t in targets.items():
+        lines.append(f"| {name} | {_fmt(t['value'])} | {'yes' if t['met'] else '**no**'} |")
+    gaps = results.get("gap_closed_nll", {})
+    lines += ["", "## Results on the test split", "",
+              "| model | NLL | perplexity | ROUGE-L | exact match | accuracy | gap closed (NLL) | s / token |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key in [k for k in ORDER if k in models]:
+        m = models[key]
+        name = NAMES[key] + (f" [{m['fusion']}]" if "fusion" in m else "")
+        lines.append(f"| {name} | {_fmt(m.get('nll'))} | {_fmt(m.get('perplexity'), 1)} | {_fmt(m.get('rouge_l'))} | "
+                     f"{_fmt(m.get('exact_match'))} | {_fmt(m.get('accuracy'))} | {_fmt(gaps.get(key), 2)} | "
+                     f"{_fmt(m.get('seconds_per_token'))} |")
+    lines += ["", "Gap closed = (m - large base) / (large direct - large base), on the test NLL. "
+              "Seconds per token: greedy decoding of the first test prompts, batches of 8, on this machine.", "",
+              "![metrics](metrics.png)", ""]
+    chosen = results.get("chosen_on_validation", {})
+    grid = results.get("fusion_grid", {})
+    if grid:
+        lines += ["## Levers: alpha and fusion, chosen on the validation split", "",
+                  f"Chosen on validation: best alpha `{chosen.get('alpha')}`, best mixture `{chosen.get('mixture')}`, "
+                  f"best dynamic `{chosen.get('dynamic')}`, best overall `{chosen.get('overall')}` "
+                  "(the test column is shown for every setting, but none was picked on it).", "",
+                  "| fusion | validation NLL | test NLL | gap closed (test NLL) |", "|---|---|---|---|"]
+        base, direct = models["large_base"]["nll"], models["large_direct"]["nll"]
+        for label, split in grid.items():
+            gap = gap_closed(split["test"]["nll"], base, direct)
+            lines.append(f"| {label} | {_fmt(split['validation']['nll'])} | {_fmt(split['test']['nll'])} | "
+                         f"{_fmt(gap, 2)} |")
+        lines.append("")
+    if "small_fedpt_distill" in models:
+        d, p = models["fedpt_distill_proxy"]["nll"], models["fedpt_proxy"]["nll"]
+        verdict = "helped" if d < p else "did not help"
+        lines += ["## Lever: distillation between rounds", "",
+                  f"Distilling the proxy into the small model between rounds {verdict}: FedPT with the configured "
+                  f"alpha reached test NLL {_fmt(d)} with distillation against {_fmt(p)} without; the small model "
+                  f"itself {_fmt(models['small_fedpt_distill']['nll'])} against {_fmt(models['small_fedpt']['nll'])}.",
+                  ""]
+    costs = results["costs"]
+    lines += ["## What a device pays", "",
+              "| per client and round | FedPT (small) | direct (large) | FedPT / direct |", "|---|---|---|---|"]
+    for key, label, scale, unit in [
+        ("peak_memory_bytes", "peak memory", 1e9, "GB"), ("seconds_per_step", "seconds per local step", 1, "s"),
+        ("client_seconds_per_round", "wall seconds per round", 1, "s"),
+        ("bytes_down_per_client_round", "bytes received", 1e6, "MB"),
+        ("bytes_up_per_client_round", "bytes sent", 1e6, "MB"),
+        ("flops_per_client_round", "training FLOPs (estimate)", 1e12, "TFLOP"),
+    ]:
+        lines.append(f"| {label} | {costs['fedpt'][key] / scale:.3f} {unit} | {costs['direct'][key] / scale:.3f} {unit}"
+                     f" | {ratio[key]:.2f} |")
+    lines += ["", f"Total bytes over the run: FedPT {costs['fedpt']['bytes_total'] / 1e6:.1f} MB, direct "
+              f"{costs['direct']['bytes_total'] / 1e6:.1f} MB.", "", "![costs](costs.png)", "",
+              "## Loss per round", "", "![rounds](rounds.png)", ""]
+    missed = [name for name, t in targets.items() if not t["met"]]
+    lines += ["## Verdict", ""]
+    if not missed:
+        lines.append("Every target is met on this run.")
+    else:
+        lines.append(f"Missed: {', '.join(missed)}. The evaluation was not changed to pass.")
+        lines += ["", *[f"- {line}" for line in why(results, missed)]]
+    if notes:
+        lines += ["", "## Notes", "", notes.strip()]
+    samples = models.get("fedpt_best", {}).get("samples") or []
+    if samples:
+        lines += ["", "## Sample answers (test prompts)", "", "| prompt | reference | large base | FedPT (chosen) |",
+                  "|---|---|---|---|"]
+        base_samples = models.get("large_base", {}).get("samples") or [{}] * len(samples)
+        for s, b in zip(samples, base_samples):
+            cells = [s["prompt"], s["reference"], b.get("answer", ""), s["answer"]]
+            lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], folder: Path) -> Path:
+    """The plots and report.md of an experiment folder (with the folder's notes.md, if any)."""
+    plot(results, folder)
+    notes = folder / "notes.md"
+    path = folder / "report.md"
+    path.write_text(markdown(results, notes.read_text() if notes.is_file() else ""))
+    return path
+
+
+def _recipe_differences(runs: list[dict[str, Any]]) -> list[str]:
+    """Per run, the config values (section.key) that are not the same in every run."""
+    flat = [{f"{s}.{k}": v for s, section in r.get("config", {}).items() if isinstance(section, dict)
+             for k, v in section.items()} for r in runs]
+    keys = sorted({k for f in flat for k in f if len({json.dumps(g.get(k)) for g in flat}) > 1})
+    skip = ("experiment.distill_variant", "experiment.central_small")  # which extras ran, not the recipe
+    return [", ".join(f"{k}={f.get(k)}" for k in keys if k not in skip) or "-" for f in flat]
+
+
+def compare(folders: list[Path]) -> str:
+    """One markdown table over several experiments (ablations): the recipe that differs, NLLs, gap, cost ratios."""
+    runs = [load_results(folder) for folder in folders]
+    lines = ["| run | differs in | small federated | large base | large direct | FedPT alpha (gap) | "
+             "FedPT chosen (gap) | chosen fusion | memory | s / step | bytes / round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for folder, r, diff in zip(folders, runs, _recipe_differences(runs)):
+        m, gaps, targets = r["models"], r.get("gap_closed_nll", {}), r["targets"]
+        cells = [folder.name, diff, _fmt(m["small_fedpt"]["nll"]), _fmt(m["large_base"]["nll"]),
+                 _fmt(m["large_direct"]["nll"]),
+                 f"{_fmt(m['fedpt_proxy']['nll'])} ({_fmt(gaps.get('fedpt_proxy'), 2)})",
+                 f"{_fmt(m['fedpt_best']['nll'])} ({_fmt(gaps.get('fedpt_best'), 2)})",
+                 m["fedpt_best"].get("fusion", "-"),
+                 *(_fmt(targets[name]["value"], 2) for name in COST_TARGETS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "NLL per answer token on each run's test split; gap = share of the large base -> large direct "
+              "NLL gap closed; memory, s / step, bytes: FedPT client / direct client."]
+    return "\n".join(lines) + "\n"

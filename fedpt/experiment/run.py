@@ -1,0 +1,211 @@
+"""The FedPT experiment: does a proxy-tuned large model come close to the large model tuned by federation,
+at a fraction of the devices' cost?
+
+Three stages, each readable on its own:
+  train     - fedpt: the small model, federated (FedPT step 1); direct: the large model, federated by the same
+              recipe (the costly baseline); fedpt-distill: FedPT with the iterative loop ([distill] every > 0),
+              if enabled; central: the small model tuned centrally with as many steps (an upper bound).
+              Every training writes its own folder, so an interrupted experiment continues where it stopped.
+  evaluate  - on one held-out test split: small base, small federated, large base, FedPT as published (the
+              configured alpha), FedPT with alpha and fusion chosen on the validation split, the baseline, extras.
+  summarize - gaps closed, what each device paid, the targets: results.json and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from fedpt import config as cfg
+from fedpt.config import RunConfig
+from fedpt.data import Example, load_splits
+from fedpt.errors import FedptError
+from fedpt.experiment import results as res
+from fedpt.experiment.evaluation import Evaluation, choose, fusions_for
+from fedpt.proxy import Fusion
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+@dataclass
+class Trained:
+    """The final model folders of the trainings (LoRA adapters, or whole models for tuning.mode = "full")."""
+
+    fedpt: Path
+    direct: Path
+    distill: Path | None
+    central: Path | None
+    central_stats: dict | None
+
+
+def run_experiment(config: RunConfig, out: Path, command: str = "") -> dict[str, Any]:
+    """Train what is missing, evaluate everything, write results.json and the report; return the results."""
+    from fedpt.experiment.report import write_report
+
+    started = time.time()
+    data = setup(config, out)
+    trained = train(config, data, out)
+    console.rule("[bold]evaluation on the held-out split")
+    with Progress(console=console, transient=True) as progress:
+        ev, grid, chosen = evaluate(config, data, trained, progress)
+    results = {"command": command, **summarize(config, data, trained, out, ev.rows, grid, chosen),
+               "seconds": time.time() - started}
+    res.save_results(results, out)
+    write_report(results, out)
+    return results
+
+
+def setup(config: RunConfig, out: Path) -> Splits:
+    """Claim `out` for this config (an existing experiment must have the same one) and split the data."""
+    exp = config.experiment
+    parts = load_splits(config.data)
+    data = Splits(parts["train"], parts["validation"][: exp.validation_examples or None],
+                  parts["test"][: exp.test_examples or None])
+    if not data.test or not data.validation:
+        raise FedptError("the experiment needs a test and a validation split: raise data.test_percent / "
+                         "data.validation_percent")
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != config.to_dict():
+        raise FedptError(f"{out} holds an experiment with another config; pick another --out or delete it")
+    saved.write_text(json.dumps(config.to_dict(), indent=2))
+    return data
+
+
+def train(config: RunConfig, data: Splits, out: Path) -> Trained:
+    exp = config.experiment
+    steps = 2 + exp.distill_variant + exp.central_small
+    console.rule(f"[bold]1/{steps} FedPT: federated tuning of the small model")
+    fedpt = federate(cfg.replace(config, distill={"every": 0}), out / "fedpt")
+    console.rule(f"[bold]2/{steps} baseline: federated tuning of the large model, same recipe")
+    direct = federate(cfg.replace(config, model={"small": config.model.large}, distill={"every": 0}), out / "direct")
+    distill = central = stats = None
+    if exp.distill_variant:
+        console.rule(f"[bold]3/{steps} FedPT with distillation between rounds")
+        distill = federate(cfg.replace(config, distill={"every": config.distill.every or 1}), out / "fedpt-distill")
+    if exp.central_small:
+        console.rule(f"[bold]{steps}/{steps} the small model tuned centrally (upper bound of step 1)")
+        central, stats = tune_centrally(config, data.train, out / "central")
+    return Trained(fedpt, direct, distill, central, stats)
+
+
+def federate(config: RunConfig, folder: Path) -> Path:
+    """Run (or finish, or reuse) one federation into `folder`; return its final model folder."""
+    from fedpt.federation.simulation import simulate
+
+    if (folder / "final").is_dir():
+        return folder / "final"
+    run = cfg.from_dict({**config.to_dict(), "out": str(folder)})
+    return simulate(run, resume=(folder / "config.json").is_file())
+
+
+def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path) -> tuple[Path, dict]:
+    """The small model tuned on all training data at once, with as many steps as the whole federation took."""
+    from fedpt.models import load_model
+    from fedpt.tuning.local import make_trainable
+    from fedpt.tuning.local import train as run_training
+
+    tuned, stats_file = folder / "adapter", folder / "stats.json"
+    if stats_file.is_file():
+        return tuned, json.loads(stats_file.read_text())
+    fed = config.federation
+    steps = fed.rounds * fed.clients_per_round() * config.tuning.local_steps
+    model, tokenizer, _ = load_model(config.model.small, dtype=config.tuning.dtype)
+    model = make_trainable(model, config.tuning, seed=config.seed)
+    tuning = cfg.replace(config, tuning={"local_steps": steps, "local_epochs": 0.0}).tuning
+    with Progress(console=console, transient=True) as progress:
+        stats = run_training(model, tokenizer, train_set, tuning, seed=config.seed, progress=progress)
+    model.save_pretrained(tuned)
+    tokenizer.save_pretrained(tuned)
+    stats_file.write_text(json.dumps(stats))
+    return tuned, stats
+
+
+def evaluate(config: RunConfig, data: Splits, trained: Trained,
+             progress: Progress) -> tuple[Evaluation, dict[str, dict], dict[str, str | None]]:
+    """Score every model; return the rows, the fusion grid (validation and test) and the choices on validation.
+
+    At most one large model and one small pair are in memory at a time."""
+    from fedpt.models import HFCausalLM
+    from fedpt.proxy import ProxyTunedLM, load_expert, load_tuned
+
+    small, large_name = config.model.small, config.model.large
+    fusions = fusions_for(config.experiment)
+    published = Fusion(alpha=config.experiment.alpha)
+    ev = Evaluation(config, data.test, data.validation, progress)
+    rows = ev.rows
+    large = HFCausalLM.load(large_name)
+
+    expert = load_expert(small, trained.fedpt)
+    grid = ev.score_fusions(large, expert, fusions)
+    chosen = choose(grid, fusions)
+    chosen_fusion = next(f for f in fusions if f.label == chosen["overall"])
+    for name, key in [("small_base", "small_base"), ("small_fedpt", "small_tuned"), ("large_base", "large"),
+                      ("fedpt_proxy", published.label), ("fedpt_best", chosen_fusion.label)]:
+        rows[name] = {**grid[key]["test"], "validation_nll": grid[key]["validation"]["nll"]}
+    rows["fedpt_proxy"]["fusion"], rows["fedpt_best"]["fusion"] = published.label, chosen_fusion.label
+    ev.answers("large_base", large)
+    ev.answers("small_fedpt", expert.tuned)
+    ev.answers("fedpt_proxy", ProxyTunedLM(large, expert, fusion=published))
+    ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=chosen_fusion))
+    del expert
+    ev.answers("small_base", HFCausalLM.load(small))
+
+    if trained.distill is not None:
+        expert = load_expert(small, trained.distill)
+        distilled = ev.score_fusions(large, expert, [published, chosen_fusion])
+        rows["small_fedpt_distill"] = distilled["small_tuned"]["test"]
+        rows["fedpt_distill_proxy"] = {**distilled[published.label]["test"], "fusion": published.label}
+        rows["fedpt_distill_best"] = {**distilled[chosen_fusion.label]["test"], "fusion": chosen_fusion.label}
+        ev.answers("fedpt_distill_proxy", ProxyTunedLM(large, expert, fusion=published))
+        del expert
+    del large  # before the directly tuned large model is loaded
+
+    for name, base, folder in [("small_central", small, trained.central), ("large_direct", large_name, trained.direct)]:
+        if folder is not None:
+            tuned = load_tuned(base, folder)
+            ev.score(name, tuned)
+            ev.answers(name, tuned)
+            del tuned
+    return ev, {f.label: grid[f.label] for f in fusions}, chosen
+
+
+def summarize(config: RunConfig, data: Splits, trained: Trained, out: Path, models: dict[str, dict],
+              grid: dict[str, dict], chosen: dict[str, str | None]) -> dict[str, Any]:
+    """Gaps closed, costs and targets, as results.json holds them."""
+    exp = config.experiment
+    gap_nll = {name: g for name, g in res.gaps(models, "nll").items() if name.startswith(("fedpt", "small"))}
+    cost = {"fedpt": res.costs_of(out / "fedpt"), "direct": res.costs_of(out / "direct")}
+    if trained.distill is not None:
+        cost["fedpt_distill"] = res.costs_of(out / "fedpt-distill")
+    if trained.central_stats is not None:
+        cost["central"] = {key: trained.central_stats[key] for key in ("seconds_per_step", "peak_memory_bytes",
+                                                                        "steps")}
+    ratio = res.cost_ratios(cost["fedpt"], cost["direct"])
+    return {
+        "config": config.to_dict(),
+        "data": {"source": config.data.source, "train": len(data.train), "validation": len(data.validation),
+                 "test": len(data.test), "metric": exp.metric},
+        "models": models,
+        "fusion_grid": grid,
+        "chosen_on_validation": chosen,
+        "gap_closed_nll": gap_nll,
+        "gap_closed_metric": res.gaps(models, "rouge_l" if exp.metric == "rouge" else "accuracy"),
+        "costs": cost,
+        "cost_ratio_fedpt_over_direct": ratio,
+        "targets": res.targets(gap_nll, ratio),
+    }

@@ -1,0 +1,64 @@
+"""The language-model interface: what fedpt asks of every model, the large black box included.
+
+fedpt asks only one thing of a model: next-token log-probabilities over the vocabulary, for a batch of
+left-padded token sequences, either step by step with a cache (decoding) or at many positions in one pass
+(scoring). The large model is used through this interface alone: that is the black-box contract.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedpt.errors import FedptError
+
+
+class LanguageModel(ABC):
+    """Next-token log-probabilities over `vocab_size` tokens of `tokenizer`."""
+
+    name: str
+    tokenizer: Any
+    vocab_size: int
+    eos_token_ids: set[int]  # decoding stops a row at any of these
+
+    @abstractmethod
+    def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Any]:
+        """Read left-padded prompts (B, T); return log-probs of the next token (B, V) and a decoding state."""
+
+    @abstractmethod
+    def step(self, state: Any, tokens: Tensor) -> Tensor:
+        """Append one token per row (B,) to `state` (updated in place); return the next log-probs (B, V)."""
+
+    @abstractmethod
+    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
+        """Next-token log-probs after each of the last `last` positions of left-padded rows: (B, last, V)."""
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists into (ids, attention_mask), so every row's next token sits at the same column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def check_same_vocabulary(a: Any, b: Any) -> None:
+    """Proxy-tuning adds scores token by token: both models (or pairs) must mean the same token by each id."""
+    va, vb = a.tokenizer.get_vocab(), b.tokenizer.get_vocab()
+    if va != vb:
+        raise FedptError(
+            f"models '{a.name}' (vocabulary {len(va)}) and '{b.name}' (vocabulary {len(vb)}) have different "
+            "tokenizers; proxy-tuning needs a small and a large model with the same tokenizer"
+        )

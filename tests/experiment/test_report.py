@@ -1,0 +1,46 @@
+"""`fedpt report` and `fedpt compare`: plots and report.md rebuilt from a saved results.json alone."""
+
+import json
+import shutil
+from pathlib import Path
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def test_report_is_rebuilt_from_results_json_alone(cli, tmp_path):
+    shutil.copy(DATA / "results-small.json", tmp_path / "results.json")
+    (tmp_path / "notes.md").write_text("The author's reading of the run.")
+    code, out, err = cli("report", tmp_path)
+    assert code == 0, err
+    report = (tmp_path / "report.md").read_text()
+    for png in ("rounds.png", "metrics.png", "costs.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in report
+    assert "| FedPT: fusion chosen on validation [alpha=0.5, w=0.5] | 1.650 |" in report
+    assert "| gap_closed_nll_at_least_0.8 | 0.700 | **no** |" in report
+    assert "Missed: gap_closed_nll_at_least_0.8, peak_memory_at_most_0.5, seconds_per_step_at_most_0.5" in report
+    assert "- Gap: proxy-tuning adds the small model's shift" in report and "- Memory: a FedPT client" in report
+    assert "- Bytes:" not in report and "## Notes\n\nThe author's reading of the run." in report
+    assert "fedpt experiment --config tiny.toml --out runs/tiny" in report
+
+
+def test_compare_tables_runs_and_the_recipe_that_differs(cli, tmp_path):
+    results = json.loads((DATA / "results-small.json").read_text())
+    for name, rounds in (("short", 2), ("long", 8)):
+        (tmp_path / name).mkdir()
+        results["config"]["federation"]["rounds"] = rounds
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    code, out, err = cli("compare", tmp_path / "short", tmp_path / "long")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith(("| short", "| long"))]
+    assert len(rows) == 2 and "| federation.rounds=2 |" in rows[0] and "| federation.rounds=8 |" in rows[1]
+    assert "1.650 (0.70)" in rows[0]
+    code, _, err = cli("compare", tmp_path / "missing")
+    assert code == 2 and "has no results.json" in err
+
+
+def test_report_errors(cli, tmp_path):
+    code, _, err = cli("report", tmp_path)
+    assert code == 2 and "has no results.json" in err
+    (tmp_path / "results.json").write_text("{}")
+    code, _, err = cli("report", tmp_path)
+    assert code == 2 and "not a fedpt experiment result" in err

@@ -1,0 +1,59 @@
+"""The experiment end to end on tiny models: every stage, results.json, the report, and a rerun that reuses
+every trained stage; with LoRA and with full fine-tuning."""
+
+import numpy as np
+import pytest
+
+from fedpt.experiment.run import run_experiment
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {
+    "data": {"group_field": "topic", "test_percent": 25, "validation_percent": 25},
+    "federation": {"clients": 3, "rounds": 2, "eval_examples": 4, "client_cpus": 1},
+    "distill": {"every": 1, "n_texts": 4, "max_new_tokens": 4, "steps": 2, "top_k": 8},
+    "experiment": {"alphas": [0.5, 1.0], "fusion_weights": [0.5], "generate_examples": 3, "max_new_tokens": 4},
+}
+
+
+def experiment_config(tiny_run, qa_file, tmp_path, **tuning):
+    run = tiny_run(tmp_path / "unused", **{**SETTINGS, "data": {**SETTINGS["data"], "source": str(qa_file)}})
+    if tuning:
+        from fedpt import config as cfg
+
+        run = cfg.replace(run, tuning=tuning)
+    return run
+
+
+def check_results(results, folder):
+    models = results["models"]
+    for name in ("small_base", "small_fedpt", "large_base", "fedpt_proxy", "fedpt_best", "large_direct",
+                 "small_central", "small_fedpt_distill", "fedpt_distill_proxy"):
+        assert np.isfinite(models[name]["nll"]), name
+    assert models["fedpt_proxy"]["fusion"] == "alpha=1"
+    chosen = results["chosen_on_validation"]["overall"]
+    grid = results["fusion_grid"]
+    assert grid[chosen]["validation"]["nll"] == min(v["validation"]["nll"] for v in grid.values())
+    assert models["fedpt_best"]["nll"] == grid[chosen]["test"]["nll"]
+    assert 0 < results["cost_ratio_fedpt_over_direct"]["bytes_up_per_client_round"] < 1  # the tiny small is smaller
+    for name in ("results.json", "report.md", "rounds.png", "metrics.png", "costs.png"):
+        assert (folder / name).is_file()
+
+
+def test_experiment_end_to_end_on_tiny_models(tiny_run, qa_file, tmp_path):
+    run = experiment_config(tiny_run, qa_file, tmp_path)
+    results = run_experiment(run, tmp_path / "exp", command="test")
+    check_results(results, tmp_path / "exp")
+    # a second call reuses every trained stage
+    again = run_experiment(run, tmp_path / "exp", command="test")
+    assert again["models"]["fedpt_best"]["nll"] == pytest.approx(results["models"]["fedpt_best"]["nll"], abs=1e-6)
+
+
+def test_experiment_with_full_fine_tuning(tiny_run, qa_file, tmp_path):
+    run = experiment_config(tiny_run, qa_file, tmp_path, mode="full", dtype="float32", local_steps=2, batch_size=2,
+                            max_length=32, learning_rate=1e-3)
+    results = run_experiment(run, tmp_path / "exp", command="test")
+    check_results(results, tmp_path / "exp")
+    # the tuned models differ from their bases: full fine-tuning trained every weight
+    assert results["models"]["small_fedpt"]["nll"] != results["models"]["small_base"]["nll"]
+    assert results["models"]["large_direct"]["nll"] != results["models"]["large_base"]["nll"]

@@ -1,0 +1,141 @@
+"""Flower's deployment engine on loopback: a SuperLink and 2 SuperNodes (separate processes, gRPC/HTTP), the
+project's thin app folder submitted with `flwr run`, one round on tiny models, judged by the run's final status."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedpt import config as cfg
+from fedpt.federation.run_folder import read_metrics
+
+BIN = Path(sys.executable).parent
+APP = Path(__file__).parents[2] / "flower"
+
+
+def test_app_folder_defaults_are_fedpts():
+    flat = {}
+
+    def walk(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert flat.pop("resume") is False
+    assert cfg.from_flat(flat) == cfg.RunConfig()
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def env(home):
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec by name
+            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def start(command, home, log):
+    home.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command, env=env(home), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(processes, timeout=15.0):
+    for p in processes:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + timeout
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+
+
+def flwr_json(args, home):
+    """`flwr ... --format json`: it exits 0 even on errors, so the JSON's `success` is what counts."""
+    result = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), capture_output=True,
+                            text=True, timeout=180)
+    text = result.stdout[result.stdout.index("{"):]
+    return json.JSONDecoder().raw_decode(text)[0]
+
+
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_complete_a_round(tiny, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is your name {i}", "response": f"my name is fedpt {i}"})
+                            + "\n" for i in range(24)))
+    link_port, *node_ports = free_ports(3)
+    processes = []
+    try:
+        link = start([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                      "--host", "127.0.0.1", "--port", str(link_port)], tmp_path / "link", tmp_path / "link.log")
+        processes.append(link)
+        for i, port in enumerate(node_ports):
+            processes.append(start([str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                    f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(port),
+                                    "--node-config", f"partition-id={i} num-partitions=2"],
+                                   tmp_path / f"node{i}", tmp_path / f"node{i}.log"))
+        deadline = time.time() + 60
+        while True:
+            assert link.poll() is None, (tmp_path / "link.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{link_port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the SuperLink never became healthy"
+            time.sleep(0.3)
+        cli = tmp_path / "cli"
+        cli.mkdir()
+        (cli / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+        out = tmp_path / "run"
+        overrides = (f'out="{out}" model.small="{tiny["small"]}" data.source="{data}" federation.clients=2 '
+                     'federation.rounds=1 federation.partition="iid" federation.eval_examples=2 '
+                     'tuning.dtype="float32" tuning.local_steps=2 tuning.batch_size=2 tuning.max_length=32 '
+                     'data.test_percent=20')
+        submitted = flwr_json(["run", str(APP), "local", "--run-config", overrides], cli)
+        assert submitted.get("success"), submitted
+        run_id = submitted["run-id"]
+        deadline = time.time() + 300
+        while True:
+            for p in processes:
+                assert p.poll() is None, f"{p.args[0]} died"
+            listed = flwr_json(["ls", "local", "--run-id", run_id], cli)
+            assert listed.get("success"), listed
+            status = listed["runs"][0]["status"]
+            if status.startswith("finished"):
+                break
+            assert time.time() < deadline, f"run {run_id} still {status}"
+            time.sleep(2)
+        assert status == "finished:completed", listed["runs"][0].get("status-details")
+        rows = read_metrics(out)
+        assert [r["round"] for r in rows] == [0, 1]
+        assert [c["partition-id"] for c in rows[1]["clients"]] == [0, 1]
+        assert (out / "final" / "adapter_config.json").is_file()
+    finally:
+        stop(processes)

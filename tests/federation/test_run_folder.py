@@ -1,0 +1,57 @@
+"""The run folder: one run per folder, resume points, metrics.jsonl, and final/ without bookkeeping."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedpt import config as cfg
+from fedpt.errors import FedptError
+from fedpt.federation.run_folder import DONE, SERVER_STATE, STATE, RunFolder, read_metrics
+
+
+class Saved:
+    """Stands in for a model and a tokenizer: save_pretrained writes one file."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def save_pretrained(self, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{self.name}.json").write_text("{}")
+
+
+def save(folder, server_round, done=True):
+    folder.save_round(server_round, Saved("model"), Saved("tokenizer"), {"w": np.full(2, server_round, np.float32)},
+                      {"m_t/w": np.zeros(2)})
+    folder.append_metrics({"round": server_round, "global": {"nll": 1.0 / server_round}})
+    if done:
+        folder.mark_done(server_round)
+
+
+def test_a_run_resumes_after_its_last_completed_round(tmp_path):
+    run = cfg.load(None, [], out=str(tmp_path))
+    folder = RunFolder(tmp_path)
+    assert folder.begin(run, resume=False) == 0
+    folder.append_metrics({"round": 0, "global": {"nll": 2.0}})
+    save(folder, 1)
+    save(folder, 2, done=False)  # the server died before marking round 2 done
+    with pytest.raises(FedptError, match="already holds a run"):
+        RunFolder(tmp_path).begin(run, resume=False)
+    again = RunFolder(tmp_path)
+    assert again.begin(run, resume=True) == 1
+    assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1]  # round 2's row is dropped
+    state, strategy = again.load_round(1)
+    np.testing.assert_array_equal(state["w"], [1, 1])
+    np.testing.assert_array_equal(strategy["m_t/w"], [0, 0])
+    final = again.write_final(1)
+    assert sorted(p.name for p in final.iterdir()) == ["model.json", "tokenizer.json"]
+    assert {STATE, SERVER_STATE, DONE} <= {p.name for p in (tmp_path / "round-1").iterdir()}
+    assert json.loads((tmp_path / "config.json").read_text()) == run.to_dict()
+
+
+def test_resume_needs_a_run_and_metrics_need_a_folder(tmp_path):
+    with pytest.raises(FedptError, match="nothing to resume"):
+        RunFolder(tmp_path).begin(cfg.RunConfig(), resume=True)
+    with pytest.raises(FedptError, match="has no metrics.jsonl"):
+        read_metrics(tmp_path)

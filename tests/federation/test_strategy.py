@@ -1,0 +1,141 @@
+"""Strategies against hand-computed aggregates, the update checks, client sampling, and the strategy's state."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from fedpt import config as cfg
+from fedpt.federation.strategy import (
+    build_strategy,
+    check_update,
+    restore_strategy_state,
+    sample_clients,
+    strategy_state,
+)
+
+pytestmark = pytest.mark.usefixtures("in_a_flower_task")
+
+
+KEYS = {"a": (2, 3), "b": (4,)}
+
+
+@pytest.fixture(autouse=True)
+def in_a_flower_task(monkeypatch):
+    """Flower stamps messages with the identity of the running task; unit tests have none, so give one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def reply(arrays: dict, examples: int = 10, node: int = 1) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": examples})})
+    message = Message(content, dst_node_id=node, message_type="train")
+    return Message(content, reply_to=message)
+
+
+def updates(seed=0, n=3):
+    rng = np.random.default_rng(seed)
+    return [{k: rng.normal(size=s) for k, s in KEYS.items()} for _ in range(n)]
+
+
+def aggregate(strategy_name: str, start: dict, client_arrays: list, examples: list, rounds: int = 1, **extra):
+    fed = cfg.FederationConfig(strategy=strategy_name, **extra)
+    strategy = build_strategy(fed)
+    arrays = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in start.items()})
+
+    class OneNodeGrid:
+        def get_node_ids(self):
+            return [1]
+
+    for server_round in range(1, rounds + 1):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), OneNodeGrid()))
+        arrays, _ = strategy.aggregate_train(server_round, [reply(a, e) for a, e in zip(client_arrays, examples)])
+    return {k: a.numpy() for k, a in arrays.items()}, messages
+
+
+def test_fedavg_weights_by_examples():
+    start, clients, examples = updates(1, 1)[0], updates(2), [10, 30, 60]
+    got, _ = aggregate("fedavg", start, clients, examples)
+    for k in KEYS:
+        expected = sum(n * c[k] for n, c in zip(examples, clients)) / 100
+        np.testing.assert_allclose(got[k], expected, rtol=1e-5)
+
+
+def test_fedprox_sends_mu_and_averages_like_fedavg():
+    start, clients, examples = updates(1, 1)[0], updates(2), [1, 1, 2]
+    got, messages = aggregate("fedprox", start, clients, examples, proximal_mu=0.5)
+    assert messages[0].content["config"]["proximal-mu"] == 0.5
+    np.testing.assert_allclose(got["a"], (clients[0]["a"] + clients[1]["a"] + 2 * clients[2]["a"]) / 4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimisers_against_hand_computed_steps(name):
+    start, clients, examples = updates(1, 1)[0], updates(2), [1, 2, 3]
+    eta, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+    got, _ = aggregate(name, start, clients, examples, rounds=2, server_lr=eta, beta_1=b1, beta_2=b2, tau=tau)
+    x = {k: np.asarray(v, dtype=np.float64) for k, v in start.items()}
+    m = {k: 0.0 for k in KEYS}
+    v = {k: 0.0 for k in KEYS}
+    for t in (1, 2):  # the same client updates each round
+        for k in KEYS:
+            mean = sum(n * c[k] for n, c in zip(examples, clients)) / sum(examples)
+            delta = mean - x[k]
+            m[k] = b1 * m[k] + (1 - b1) * delta
+            if name == "fedadam":
+                v[k] = b2 * v[k] + (1 - b2) * delta**2
+            else:
+                v[k] = v[k] - (1 - b2) * delta**2 * np.sign(v[k] - delta**2)
+            step = eta * np.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1)) if name == "fedadam" else eta
+            x[k] = x[k] + step * m[k] / (np.sqrt(v[k]) + tau)
+    for k in KEYS:
+        np.testing.assert_allclose(got[k], x[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_updates_are_rejected_with_a_reason():
+    good = {k: np.ones(s) for k, s in KEYS.items()}
+    assert check_update(reply(good), KEYS) is None
+    assert "unknown" in check_update(reply({**good, "c": np.ones(1)}), KEYS)
+    assert "missing" in check_update(reply({"a": good["a"]}), KEYS)
+    assert "shape" in check_update(reply({**good, "b": np.ones(5)}), KEYS)
+    assert "NaN or inf" in check_update(reply({**good, "a": np.full((2, 3), np.nan)}), KEYS)
+    assert "NaN or inf" in check_update(reply({**good, "b": np.array([1, np.inf, 0, 0])}), KEYS)
+    assert "num-examples" in check_update(reply(good, examples=0), KEYS)
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=Message(RecordDict(), dst_node_id=1,
+                                                                                message_type="train"))
+    assert "out of memory" in check_update(failed, KEYS)
+
+
+def test_client_sampling_depends_on_seed_and_round_only():
+    assert sample_clients(0, 3, 10, 4) == sample_clients(0, 3, 10, 4)
+    assert len(set(sample_clients(0, 3, 10, 4))) == 4
+    assert {tuple(sample_clients(0, r, 10, 4)) for r in range(1, 6)} != {tuple(sample_clients(0, 1, 10, 4))}
+
+
+
+
+def test_server_optimiser_state_survives_a_restore():
+    start, clients, examples = updates(1, 1)[0], updates(2), [1, 2, 3]
+    strategy = build_strategy(cfg.FederationConfig(strategy="fedadam"))
+    assert strategy_state(build_strategy(cfg.FederationConfig())) == {}  # FedAvg keeps no state
+    arrays = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in start.items()})
+
+    class OneNodeGrid:
+        def get_node_ids(self):
+            return [1]
+
+    replies = [reply(a, e) for a, e in zip(clients, examples)]
+    strategy.configure_train(1, arrays, ConfigRecord({}), OneNodeGrid())
+    arrays, _ = strategy.aggregate_train(1, replies)
+    saved = strategy_state(strategy)
+    assert sorted(saved) == sorted(f"{m}/{k}" for m in ("m_t", "v_t") for k in KEYS)
+    # round 2 from the live strategy and from a fresh one given the saved state: the same step
+    fresh = build_strategy(cfg.FederationConfig(strategy="fedadam"))
+    restore_strategy_state(fresh, saved)
+    results = []
+    for s in (strategy, fresh):
+        s.configure_train(2, arrays, ConfigRecord({}), OneNodeGrid())
+        results.append({k: a.numpy() for k, a in s.aggregate_train(2, replies)[0].items()})
+    for k in KEYS:
+        np.testing.assert_array_equal(results[0][k], results[1][k])

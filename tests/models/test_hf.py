@@ -1,0 +1,30 @@
+"""The transformers backend: vocabulary cut to the tokenizer, one-line load errors."""
+
+import shutil
+
+import pytest
+
+from fedpt.errors import FedptError
+from fedpt.models import HFCausalLM, load_model
+
+
+def test_head_rows_past_the_tokenizer_are_cut(tiny, encode):
+    large = HFCausalLM.load(tiny["large"], dtype="float32")
+    assert large.model.get_output_embeddings().weight.shape[0] == len(large.tokenizer) + 13
+    assert large.vocab_size == len(large.tokenizer)
+    ids, mask = encode(large.tokenizer)
+    assert large.logprobs(ids, mask, last=1).shape[-1] == len(large.tokenizer)
+
+
+def test_corrupt_weights_are_a_one_line_error(tmp_path, tiny):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["small"], broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(FedptError, match=r"cannot load model folder") as info:
+        load_model(broken)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_dtype(tiny):
+    with pytest.raises(FedptError, match="unknown dtype 'int3'"):
+        load_model(tiny["small"], dtype="int3")

@@ -1,0 +1,108 @@
+import hashlib
+import json
+
+import pytest
+
+from fedpt.errors import FedptError
+from fedpt.models import load_model, store
+
+CHUNKS = [b"GGUF-not-really" * 1000, b"second chunk" * 500, b"third"]
+
+
+@pytest.fixture()
+def fake_parts(tmp_path, monkeypatch):
+    """Three installed 'wheels' fakepartN/data/partNN.bin, found on sys.path like the real ones."""
+    site = tmp_path / "site"
+    for i, chunk in enumerate(CHUNKS, start=1):
+        data = site / f"fakepart{i}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("raise ImportError('never import a part')\n")
+        (data / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(site))
+    whole = b"".join(CHUNKS)
+
+    def register(sha256=None, size=None, modules=("fakepart1", "fakepart2", "fakepart3")):
+        spec = store.WheelModel(name="fake-model", modules=modules, sha256=sha256 or hashlib.sha256(whole).hexdigest(),
+                                size=size or len(whole))
+        monkeypatch.setitem(store.REGISTRY, spec.name, spec)
+        return spec
+
+    return register, whole
+
+
+def no_leftovers(home):
+    models = home / "models"
+    return not models.exists() or not any(models.iterdir())
+
+
+def test_assemble_concatenates_in_order_and_checks_the_hash(fake_parts, tmp_path):
+    register, whole = fake_parts
+    spec = register()
+    store.assemble(spec, tmp_path / "out.gguf")
+    assert (tmp_path / "out.gguf").read_bytes() == whole
+
+
+def test_sha256_mismatch_is_an_error_and_nothing_is_cached(fake_parts, fedpt_home):
+    register, _ = fake_parts
+    register(sha256="0" * 64)
+    with pytest.raises(FedptError, match="sha256") as info:
+        store.prepare("fake-model")
+    assert "\n" not in str(info.value)
+    assert not store.is_prepared("fake-model")
+    assert no_leftovers(fedpt_home)
+
+
+def test_missing_part_names_the_part_and_the_fix(fake_parts, fedpt_home):
+    register, _ = fake_parts
+    register(modules=("fakepart1", "fakepart2", "fakepart3", "fakepart4"))
+    with pytest.raises(FedptError, match=r"'fakepart4'.*not installed.*pip install"):
+        store.prepare("fake-model")
+    assert no_leftovers(fedpt_home)
+
+
+def test_a_file_that_is_no_gguf_fails_conversion_cleanly(fake_parts, fedpt_home):
+    register, _ = fake_parts
+    register()
+    with pytest.raises(FedptError, match="cannot convert fake-model.gguf"):
+        store.prepare("fake-model")
+    assert no_leftovers(fedpt_home)
+
+
+def test_prepared_folder_is_reused(fake_parts, fedpt_home, monkeypatch, tiny):
+    register, _ = fake_parts
+    register()
+    calls = []
+
+    def convert(folder, gguf_name, out):  # stands in for the minute-long dequantisation
+        calls.append(gguf_name)
+        import shutil
+
+        shutil.copytree(tiny["small"], out)
+        return 123
+
+    monkeypatch.setattr(store, "_convert_gguf", convert)
+    first = store.prepare("fake-model")
+    assert json.loads((first / store.MARKER).read_text())["parameters"] == 123
+    assert store.prepare("fake-model") == first and calls == ["fake-model.gguf"]
+    assert store.resolve("fake-model") == first
+    row = next(r for r in store.list_models() if r["name"] == "fake-model")
+    assert row["prepared"] and row["bytes"] > 0
+    model, tokenizer, folder = load_model("fake-model", dtype="float32")
+    assert folder == first and len(tokenizer) > 0
+
+
+def test_unknown_name_and_bad_folders(tmp_path, fedpt_home, tiny):
+    with pytest.raises(FedptError, match="neither a known model name"):
+        store.resolve("no-such-model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FedptError, match="no config.json"):
+        store.resolve(empty)
+    (empty / "config.json").write_text("{not json")
+    with pytest.raises(FedptError, match="not valid JSON"):
+        store.resolve(empty)
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(FedptError, match="no weights"):
+        store.resolve(empty)
+    with pytest.raises(FedptError, match="unknown model name"):
+        store.prepare("no-such-model")

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from fedpt import config as cfg
+from fedpt.errors import FedptError
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('seed = 3\n[federation]\nclients = 2\nrounds = 4\n[tuning]\ntarget_modules = ["q_proj"]\n')
+    run = cfg.load(path, ["federation.rounds=5", "federation.strategy=fedyogi", "data.categories=ai,food"])
+    assert (run.seed, run.federation.clients, run.federation.rounds, run.federation.strategy) == (3, 2, 5, "fedyogi")
+    assert run.tuning.target_modules == ["q_proj"] and run.data.categories == ["ai", "food"]
+    assert cfg.from_flat(run.flat()) == run
+    with pytest.raises(FedptError, match=r"unknown key\(s\) \['rank'\] in \[tuning\]"):
+        cfg.load(path, ["tuning.rank=4"])
+    with pytest.raises(FedptError, match="federation.rounds must be int"):
+        cfg.load(path, ["federation.rounds=many"])
+    with pytest.raises(FedptError, match="unknown strategy"):
+        cfg.load(None, ["federation.strategy=fedsgd"])
+    with pytest.raises(FedptError, match=r"kd_every is written `\[distill\] every = K`"):
+        cfg.load(None, ["kd_every=2"])
+    with pytest.raises(FedptError, match="does not exist"):
+        cfg.load(tmp_path / "nope.toml")
+    path.write_text("[federation\n")
+    with pytest.raises(FedptError, match="not valid TOML"):
+        cfg.load(path)
+
+
+def test_the_shipped_config_is_the_embedded_default():
+
+    shipped = cfg.load(Path(__file__).parent.parent / "configs" / "chatterbot.toml")
+    assert shipped == cfg.RunConfig()
+
+
+
+
+def test_importing_the_schema_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, fedpt.config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+
+
+def test_derived_values_and_sections():
+    run = cfg.load(None, ["tuning.max_length=40"])
+    assert run.score_max_length == 80
+    assert cfg.section("tuning", {"lora_r": 4}).lora_r == 4
+    with pytest.raises(FedptError, match=r"unknown key\(s\) \['lora_rank'\] in \[tuning\]"):
+        cfg.section("tuning", {"lora_rank": 8})
+    with pytest.raises(FedptError, match="'seed' is not a section"):
+        cfg.load(None, ["seed=3", "seed.part=1"])

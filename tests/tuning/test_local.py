@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from fedpt.config import TuneConfig
+from fedpt.data import Example
+from fedpt.errors import FedptError
+from fedpt.models import HFCausalLM, load_model
+from fedpt.scoring import nll
+from fedpt.tuning.local import make_trainable, set_trainable_state, train, trainable_state
+
+DATA = [Example("what is your name", "my name is fedpt"), Example("how are you today", "i am fine thank you"),
+        Example("tell me a joke", "why did the chicken cross the road"), Example("hello world", "good morning to you")]
+
+
+def test_lora_training_lowers_the_loss_and_only_the_adapter_travels(tiny):
+    model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+    model = make_trainable(model, TuneConfig())
+    state = trainable_state(model)
+    assert state and all("lora_" in name for name in state)
+    before = nll(HFCausalLM(model, tokenizer), DATA)["nll"]
+    stats = train(model, tokenizer, DATA, TuneConfig(local_steps=15, learning_rate=5e-3, batch_size=2), seed=0)
+    after = nll(HFCausalLM(model, tokenizer), DATA)["nll"]
+    assert after < before - 0.5
+    assert stats["steps"] == 15 and stats["examples"] == 4 and stats["peak_memory_bytes"] > 0 and stats["flops"] > 0
+
+
+def test_training_is_reproducible_from_the_seed(tiny):
+    results = []
+    for seed in (7, 7, 8):
+        model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+        model = make_trainable(model, TuneConfig(lora_dropout=0.1))
+        train(model, tokenizer, DATA, TuneConfig(local_steps=3, lora_dropout=0.1), seed=seed)
+        results.append(trainable_state(model))
+    for name in results[0]:
+        np.testing.assert_array_equal(results[0][name], results[1][name])
+    # another seed shuffles and drops out differently: other weights
+    assert any(not np.array_equal(results[0][name], results[2][name]) for name in results[0])
+
+
+def test_proximal_term_pulls_towards_the_start(tiny):
+    moved = {}
+    for mu in (0.0, 50.0):
+        model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+        model = make_trainable(model, TuneConfig(mode="full"))
+        start = trainable_state(model)
+        config = TuneConfig(mode="full", local_steps=5, learning_rate=1e-3, proximal_mu=mu)
+        train(model, tokenizer, DATA, config, seed=0)
+        end = trainable_state(model)
+        moved[mu] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start)
+    assert moved[50.0] < moved[0.0]
+
+
+def test_state_mismatch_and_bad_config(tiny):
+    model, _, _ = load_model(tiny["small"], dtype="float32")
+    model = make_trainable(model, TuneConfig())
+    state = trainable_state(model)
+    name = next(iter(state))
+    with pytest.raises(FedptError, match="shape"):
+        set_trainable_state(model, {**state, name: np.zeros((1, 1), np.float32)})
+    with pytest.raises(FedptError, match="1 unknown"):
+        set_trainable_state(model, {**state, "extra": np.zeros(1, np.float32)})
+    with pytest.raises(FedptError, match="not in the model"):
+        make_trainable(load_model(tiny["small"])[0], TuneConfig(target_modules=["c_attn"]))
+    with pytest.raises(FedptError, match="'lora' or 'full'"):
+        TuneConfig(mode="half")
+
+
+def test_answer_loss_equals_the_full_forward_loss(tiny):
+    import random
+
+    import torch
+
+    from fedpt.tuning.local import answer_loss, batches
+
+    model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+    model = make_trainable(model, TuneConfig(), seed=1)
+    ids, mask, labels = next(batches(tokenizer, DATA, TuneConfig(batch_size=4), random.Random(0)))
+    full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(answer_loss(model, ids, mask, labels), full, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_to_a_multiple_keeps_the_loss(tiny):
+    import random
+
+    import torch
+
+    from fedpt.tuning.local import answer_loss, batches
+
+    model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+    model = make_trainable(model, TuneConfig(), seed=1)
+    tight = next(batches(tokenizer, DATA, TuneConfig(batch_size=4, pad_multiple=1), random.Random(0)))
+    padded = next(batches(tokenizer, DATA, TuneConfig(batch_size=4, pad_multiple=16), random.Random(0)))
+    assert padded[0].shape[1] % 16 == 0 and padded[0].shape[1] > tight[0].shape[1]
+    assert int(padded[1].sum()) == int(tight[1].sum())  # the same real tokens, only more padding
+    torch.testing.assert_close(answer_loss(model, *padded), answer_loss(model, *tight), atol=1e-5, rtol=1e-5)
