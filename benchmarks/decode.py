@@ -1,5 +1,6 @@
 """Seconds per generated token on the real pair: large alone, the naive proxy loop, and fedpt's proxy decoding
-(exact, and with the small pair's frozen weights in int8).
+(exact, and with the small pair's frozen weights in int8), and the same doubled batch run by peft's own
+mixed-adapter batches (`adapter_names`) instead of fedpt's row-mask hooks.
 
 Same prompts, greedy, one process; the three variants take turns within every round, so drifts in machine
 speed hit all of them alike, and the ratios to the large model alone come from the same run.
@@ -22,7 +23,7 @@ import torch
 from fedpt.data import encode_prompt
 from fedpt.models import HFCausalLM, LanguageModel, load_model, pad_left
 from fedpt.models.int8 import quantize_int8
-from fedpt.proxy import AdapterPair, ProxyTunedLM
+from fedpt.proxy import AdapterPair, ExpertPair, ProxyTunedLM
 from fedpt.runtime import setup_process
 
 PROMPTS = [
@@ -49,6 +50,52 @@ class NaiveProxy:
     def _combine(lps):
         large, base, tuned = lps
         return torch.log_softmax(large + (tuned - base), dim=-1)
+
+
+class _WithAdapterNames:
+    """A peft model called with `adapter_names` per row: "__base__" rows skip LoRA, "default" rows use it."""
+
+    def __init__(self, peft_model: torch.nn.Module):
+        self.peft_model, self.names = peft_model, None
+
+    def __call__(self, **kwargs):
+        return self.peft_model(**kwargs, adapter_names=self.names)
+
+    def eval(self) -> _WithAdapterNames:
+        self.peft_model.eval()
+        return self
+
+    def __getattr__(self, name: str):
+        return getattr(self.peft_model, name)
+
+
+class PeftMixedPair(ExpertPair):
+    """fedpt's AdapterPair, with peft's mixed-adapter batches in place of fedpt's row-mask hooks."""
+
+    def __init__(self, peft_model: torch.nn.Module, tokenizer):
+        self.model = _WithAdapterNames(peft_model)
+        self._lm = HFCausalLM(self.model, tokenizer, name="small+adapter (peft mixed)")
+        self.name, self.tokenizer, self.vocab_size = self._lm.name, tokenizer, self._lm.vocab_size
+
+    @property
+    def tuned(self) -> LanguageModel:
+        return self._lm
+
+    def _rows(self, batch: int) -> None:
+        self.model.names = ["__base__"] * batch + ["default"] * batch
+
+    def start(self, ids, mask):
+        self._rows(len(ids))
+        lp, state = self._lm.start(ids.repeat(2, 1), mask.repeat(2, 1))
+        return (*lp.chunk(2), state)
+
+    def step(self, state, tokens):
+        self._rows(len(tokens))
+        return self._lm.step(state, tokens.repeat(2)).chunk(2)
+
+    def logprobs(self, ids, mask, last):
+        self._rows(len(ids))
+        return self._lm.logprobs(ids.repeat(2, 1), mask.repeat(2, 1), last).chunk(2)
 
 
 def time_decoding(lm: LanguageModel | NaiveProxy, ids: torch.Tensor, mask: torch.Tensor, tokens: int) -> dict:
@@ -101,6 +148,7 @@ def main() -> None:
         "naive_proxy": NaiveProxy(large, HFCausalLM.load(args.small), HFCausalLM(copy_of_tuned(), tokenizer)),
         "fedpt_proxy": ProxyTunedLM(large, AdapterPair(peft_model, tokenizer)),
         "fedpt_proxy_int8": ProxyTunedLM(large, AdapterPair(int8_model, tokenizer)),
+        "fedpt_proxy_peft_mixed": ProxyTunedLM(large, PeftMixedPair(copy_of_tuned(), tokenizer)),
     }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
@@ -141,6 +189,7 @@ def main() -> None:
         "same_greedy_tokens": {
             "fedpt_proxy_vs_naive_proxy": agreement("fedpt_proxy", "naive_proxy"),
             "fedpt_proxy_int8_vs_fedpt_proxy": agreement("fedpt_proxy_int8", "fedpt_proxy"),
+            "fedpt_proxy_peft_mixed_vs_fedpt_proxy": agreement("fedpt_proxy_peft_mixed", "fedpt_proxy"),
         },
         "results": summary,
     }

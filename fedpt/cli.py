@@ -58,7 +58,7 @@ def models_list() -> None:
 
     for row in store.list_models():
         state = f"{row['bytes'] / 1e9:.2f} GB" if row["prepared"] else "not prepared"
-        print(f"{row['name']:32s} {state:14s} {row['path']}")
+        print(f"{row['name']:32s} {state:14s} {row['path']}\n{'':32s} {row['origin']}")
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -86,7 +86,8 @@ def read_prompts(path: Path) -> list[str]:
 
 @app.command()
 def generate(
-    large: Annotated[str, typer.Option(help="large model: a registered name or a local HF folder")],
+    large: Annotated[str, typer.Option(help="large model: a registered name, a local HF folder, or a server URL "
+                                            "(http://HOST:PORT/v1) answering /v1/completions with logprobs")],
     small: Annotated[str | None, typer.Option(help="small base model (with --adapter): proxy-tune the large")] = None,
     adapter: Annotated[Path | None, typer.Option(help="tuned small: LoRA adapter folder or full model folder")] = None,
     alpha: Annotated[float, typer.Option(help="strength of the steering")] = 1.0,
@@ -103,13 +104,18 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="prompts decoded together")] = 8,
     dtype: Annotated[str, typer.Option(click_type=DTYPE_CHOICES, help="weights' number format")] = "bfloat16",
     device: Annotated[str, typer.Option(click_type=DEVICE_CHOICES, help="where the models run")] = "cpu",
+    tokenizer: Annotated[str | None, typer.Option(help="with a URL: the model whose tokenizer the server shares "
+                                                       "(default: --small)")] = None,
+    served_name: Annotated[str, typer.Option(help="with a URL: the served model's name (default: the first)")] = "",
+    api_key_env: Annotated[str, typer.Option(help="with a URL: the NAME of the environment variable that holds the "
+                                                  "API key (the key itself never goes on the command line)")] = "",
+    top_k: Annotated[int, typer.Option(help="with a URL: log-probabilities asked per position")] = 20,
 ) -> None:
     """Continue prompts with the large model, proxy-tuned when --small and --adapter are given."""
     from rich.progress import Progress
 
-    from fedpt.decoding import GenerationConfig
-    from fedpt.decoding import generate as run
-    from fedpt.models import HFCausalLM
+    from fedpt.decoding import GenerationConfig, generate_each
+    from fedpt.models.loading import open_lm
     from fedpt.proxy import ProxyTunedLM, load_expert
 
     if (prompt is None) == (prompts_file is None):
@@ -119,16 +125,15 @@ def generate(
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()), not raw, batch_size)
     quiet_transformers()
-    lm = HFCausalLM.load(large, dtype=dtype, device=device)
+    lm = open_lm(large, tokenizer=tokenizer or small, served_name=served_name, api_key_env=api_key_env, top_k=top_k,
+                 dtype=dtype, device=device)
     if small is not None:
         lm = ProxyTunedLM(lm, load_expert(small, adapter, dtype=dtype, device=device, int8=small_int8), alpha=alpha)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-        completions = run(lm, prompts, config, progress=progress)
-    if prompts_file is None:
-        print(completions[0])
-    else:
-        for p, c in zip(prompts, completions):
-            print(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False))
+        for p, completion in zip(prompts, generate_each(lm, prompts, config, progress=progress)):
+            # each answer is written as soon as it is done: a failure later loses none of them
+            print(completion if prompts_file is None else json.dumps({"prompt": p, "completion": completion},
+                                                                     ensure_ascii=False), flush=True)
 
 
 @app.command()

@@ -25,7 +25,11 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 @dataclass
 class ModelConfig:
     small: str = "qwen2.5-coder-0.5b-instruct"
-    large: str = "qwen2.5-coder-1.5b-instruct"
+    large: str = "qwen2.5-coder-1.5b-instruct"  # a name, a local folder, or a server URL (http://HOST:PORT/v1)
+    large_served_name: str = ""  # a URL's model name ("" takes the server's first)
+    large_api_key_env: str = ""  # a URL's API key: the NAME of the environment variable holding it
+    large_top_k: int = 20  # a URL's log-probabilities per position
+    large_weights: str = ""  # when `large` is a URL: local weights for what needs them (the direct baseline)
 
 
 @dataclass(frozen=True)

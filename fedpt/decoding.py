@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,16 +54,22 @@ def generate(
     lm: LanguageModel, prompts: Sequence[str], config: GenerationConfig | None = None, progress: Any = None
 ) -> list[str]:
     """Continue each prompt, a batch at a time; `progress` (a rich Progress) shows the prompts done."""
+    return list(generate_each(lm, prompts, config, progress))
+
+
+def generate_each(
+    lm: LanguageModel, prompts: Sequence[str], config: GenerationConfig | None = None, progress: Any = None
+) -> Iterator[str]:
+    """`generate`, yielding each completion, in order, as soon as its batch is done (nothing is lost if a later
+    batch fails)."""
     config = config or GenerationConfig()
     generator = torch.Generator().manual_seed(config.seed)
-    outputs: list[str] = []
     with task(progress, f"generating with {lm.name}", len(prompts)) as advance:
         for start in range(0, len(prompts), config.batch_size):
             chunk = [encode_prompt(lm.tokenizer, p, config.chat) for p in prompts[start : start + config.batch_size]]
             for tokens in generate_tokens(lm, chunk, config, generator):
-                outputs.append(truncate_at_stop(lm.tokenizer.decode(tokens, skip_special_tokens=True), config.stop))
+                yield truncate_at_stop(lm.tokenizer.decode(tokens, skip_special_tokens=True), config.stop)
             advance(len(chunk))
-    return outputs
 
 
 def generate_tokens(

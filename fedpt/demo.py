@@ -18,7 +18,7 @@ from fedpt.config import RunConfig, load
 from fedpt.data import load_splits
 from fedpt.decoding import GenerationConfig, generate
 from fedpt.federation.simulation import simulate
-from fedpt.models import HFCausalLM
+from fedpt.models.loading import open_large
 from fedpt.proxy import ProxyTunedLM, load_expert
 from fedpt.scoring import nll
 
@@ -34,7 +34,7 @@ def run_demo(config: RunConfig, n_questions: int = 6) -> None:
     console.print(f"   federated adapter: {final} ({time.time() - started:.0f} s)")
 
     console.print(f"[bold]2. proxy-tuning[/] {config.model.large} with it")
-    large = HFCausalLM.load(config.model.large, dtype=config.tuning.dtype)
+    large = open_large(config.model, dtype=config.tuning.dtype)
     proxy = ProxyTunedLM(large, load_expert(config.model.small, final, dtype=config.tuning.dtype), alpha=1.0)
     heldout = load_splits(config.data)["test"]
     questions = list({q.prompt: q for q in reversed(heldout)}.values())[::-1][:n_questions]  # one per prompt

@@ -14,6 +14,7 @@ from torch import Tensor
 from fedpt.data import Example, encode_example, pad_id
 from fedpt.models import LanguageModel, pad_left
 from fedpt.proxy import ExpertPair, Fusion
+from fedpt.proxy.fusion import fill_tail
 from fedpt.runtime import task
 
 ANSWER_TOKENS_PER_BATCH = 384  # rows x scored positions: each (positions x 150k vocabulary) float tensor ~ 230 MB
@@ -58,7 +59,8 @@ def response_logprobs(lm: LanguageModel, examples: Sequence[Example], *, max_len
     out: list[Tensor] = [torch.empty(0)] * len(examples)
     for rows, ids, mask, answers in answer_batches(lm.tokenizer, examples, batch_size, max_length, chat, progress,
                                                     f"scoring {lm.name}"):
-        for i, scores in zip(rows, _picked(lm.logprobs(ids, mask, last=max(answers) + 1), ids, answers)):
+        # a top-k model's unreported tokens share its leftover mass evenly (fill_tail): every answer token is scored
+        for i, scores in zip(rows, _picked(fill_tail(lm.logprobs(ids, mask, last=max(answers) + 1)), ids, answers)):
             out[i] = scores
     return out
 
@@ -81,7 +83,7 @@ def fusion_logprobs(large: LanguageModel, expert: ExpertPair, examples: Sequence
         models = {"large": large.logprobs(ids, mask, longest + 1)}
         models["small_base"], models["small_tuned"] = expert.logprobs(ids, mask, longest + 1)
         models = {k: v[:, :-1][wanted] for k, v in models.items()}
-        picked = {k: v.gather(-1, targets[:, None]).squeeze(-1) for k, v in models.items()}
+        picked = {k: fill_tail(v).gather(-1, targets[:, None]).squeeze(-1) for k, v in models.items()}
         chunks: dict[str, list[Tensor]] = {f.label: [] for f in fusions}
         for s in range(0, len(targets), FUSION_POSITIONS):  # a fusion makes several (positions x vocab) temporaries
             large_s, base_s, tuned_s = (models[m][s : s + FUSION_POSITIONS] for m in ("large", "small_base",

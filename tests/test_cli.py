@@ -62,6 +62,7 @@ def test_vocabulary_mismatch_on_the_command_line(cli, tiny):
 def test_models_list(cli, fedpt_home):
     code, out, _ = cli("models", "list")
     assert code == 0 and "qwen2.5-coder-0.5b-instruct" in out and "not prepared" in out
+    assert "Q4_K_M GGUF built from the AWQ checkpoint" in out  # what the weights really are
 
 
 def test_version_and_help(cli, monkeypatch):

@@ -17,10 +17,11 @@ SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 
 
 def test_prepare_both_and_generate_eight_proxy_tokens():
-    from fedpt.lm import HFCausalLM, load_model
     from peft import LoraConfig, get_peft_model
 
-    from fedpt.decoding import GenerationConfig, encode_prompt, generate_tokens
+    from fedpt.data import encode_prompt
+    from fedpt.decoding import GenerationConfig, generate_tokens
+    from fedpt.models import HFCausalLM, load_model
     from fedpt.proxy import AdapterPair, ProxyTunedLM
 
     for name in (SMALL, LARGE):

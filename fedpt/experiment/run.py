@@ -72,6 +72,7 @@ def run_experiment(config: RunConfig, out: Path, command: str = "") -> dict[str,
 def setup(config: RunConfig, out: Path) -> Splits:
     """Claim `out` for this config (an existing experiment must have the same one) and split the data."""
     exp = config.experiment
+    direct_model(config)  # a URL without local weights fails here, before any training
     parts = load_splits(config.data)
     data = Splits(parts["train"], parts["validation"][: exp.validation_examples or None],
                   parts["test"][: exp.test_examples or None])
@@ -92,7 +93,8 @@ def train(config: RunConfig, data: Splits, out: Path) -> Trained:
     console.rule(f"[bold]1/{steps} FedPT: federated tuning of the small model")
     fedpt = federate(cfg.replace(config, distill={"every": 0}), out / "fedpt")
     console.rule(f"[bold]2/{steps} baseline: federated tuning of the large model, same recipe")
-    direct = federate(cfg.replace(config, model={"small": config.model.large}, distill={"every": 0}), out / "direct")
+    direct = federate(cfg.replace(config, model={"small": direct_model(config)}, distill={"every": 0}),
+                      out / "direct")
     distill = central = stats = None
     if exp.distill_variant:
         console.rule(f"[bold]3/{steps} FedPT with distillation between rounds")
@@ -101,6 +103,17 @@ def train(config: RunConfig, data: Splits, out: Path) -> Trained:
         console.rule(f"[bold]{steps}/{steps} the small model tuned centrally (upper bound of step 1)")
         central, stats = tune_centrally(config, data.train, out / "central")
     return Trained(fedpt, direct, distill, central, stats)
+
+
+def direct_model(config: RunConfig) -> str:
+    """The large model's weights, which the direct baseline trains: `large`, or `large_weights` beside a URL."""
+    from fedpt.models.remote import is_url
+
+    weights = config.model.large_weights or config.model.large
+    if is_url(weights):
+        raise FedptError(f"[model] large is the server {weights}, and the direct baseline trains the large model's "
+                         "weights: set [model] large_weights to a local copy (a name or a folder)")
+    return weights
 
 
 def federate(config: RunConfig, folder: Path) -> Path:
@@ -141,14 +154,15 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
 
     At most one large model and one small pair are in memory at a time."""
     from fedpt.models import HFCausalLM
+    from fedpt.models.loading import open_large
     from fedpt.proxy import ProxyTunedLM, load_expert, load_tuned
 
-    small, large_name = config.model.small, config.model.large
+    small, large_weights = config.model.small, direct_model(config)
     fusions = fusions_for(config.experiment)
     published = Fusion(alpha=config.experiment.alpha)
     ev = Evaluation(config, data.test, data.validation, progress)
     rows = ev.rows
-    large = HFCausalLM.load(large_name)
+    large = open_large(config.model)
 
     expert = load_expert(small, trained.fedpt)
     grid = ev.score_fusions(large, expert, fusions)
@@ -175,7 +189,8 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
         del expert
     del large  # before the directly tuned large model is loaded
 
-    for name, base, folder in [("small_central", small, trained.central), ("large_direct", large_name, trained.direct)]:
+    for name, base, folder in [("small_central", small, trained.central),
+                               ("large_direct", large_weights, trained.direct)]:
         if folder is not None:
             tuned = load_tuned(base, folder)
             ev.score(name, tuned)

@@ -91,6 +91,19 @@ def _standard_strides(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
 
 
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """The tokenizer of a registered model name or a local folder."""
+    from transformers import AutoTokenizer
+
+    from fedpt.models import store
+
+    folder = store.resolve(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # tokenizers and transformers raise their own types
+        raise FedptError(f"cannot load the tokenizer of {folder}: {first_line(e)}") from None
+
+
 def load_model(
     name_or_path: str | Path, *, dtype: str = "bfloat16", device: str = "cpu", trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, Any, Path]:

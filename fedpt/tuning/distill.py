@@ -20,6 +20,7 @@ from fedpt.config import DistillConfig, RunConfig
 from fedpt.data import Example, encode_example, training_prompts, wikipedia_prompts
 from fedpt.decoding import GenerationConfig, generate
 from fedpt.models import HFCausalLM, LanguageModel
+from fedpt.models.loading import open_large
 from fedpt.proxy import AdapterPair, ExpertPair, Fusion, ProxyTunedLM, SeparatePair
 from fedpt.scoring import answer_batches
 from fedpt.tuning.costs import Stopwatch
@@ -88,7 +89,7 @@ def make_distiller(config: RunConfig) -> AfterRound | None:
         prompts = wikipedia_prompts(settings.n_texts, config.seed)
     else:
         prompts = training_prompts(config.data, settings.n_texts, config.seed)
-    large = HFCausalLM.load(config.model.large, dtype=config.tuning.dtype)
+    large = open_large(config.model, dtype=config.tuning.dtype)
     # full fine-tuning keeps no base inside the trained model: the teacher reads a frozen copy beside it
     base = HFCausalLM.load(config.model.small, dtype=config.tuning.dtype) if config.tuning.mode == "full" else None
     teachers: dict[int, ProxyTunedLM] = {}

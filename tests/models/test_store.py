@@ -23,7 +23,7 @@ def fake_parts(tmp_path, monkeypatch):
 
     def register(sha256=None, size=None, modules=("fakepart1", "fakepart2", "fakepart3")):
         spec = store.WheelModel(name="fake-model", modules=modules, sha256=sha256 or hashlib.sha256(whole).hexdigest(),
-                                size=size or len(whole))
+                                size=size or len(whole), origin="three fake chunks")
         monkeypatch.setitem(store.REGISTRY, spec.name, spec)
         return spec
 

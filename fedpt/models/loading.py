@@ -1,0 +1,43 @@
+"""One way to open a model from what a user writes: a registered name or a local Hugging Face folder
+(transformers), a GGUF file or `gguf:NAME` of a registered name (llama.cpp, in process), or an http(s) URL of a
+completions server (a black box)."""
+
+from __future__ import annotations
+
+from fedpt.config import ModelConfig
+from fedpt.errors import FedptError
+from fedpt.models.hf import HFCausalLM, load_tokenizer
+from fedpt.models.interface import LanguageModel
+from fedpt.models.remote import Endpoint, RemoteLM, is_url
+
+
+def open_lm(name: str, *, tokenizer: str | None = None, served_name: str = "", api_key_env: str = "",
+            top_k: int = 20, dtype: str = "bfloat16", device: str = "cpu") -> LanguageModel:
+    """A LanguageModel for `name`. A URL needs `tokenizer`: the model whose tokenizer the server shares (the small
+    model); `served_name`, `api_key_env` (the variable's name) and `top_k` apply to URLs only."""
+    if is_url(name):
+        endpoint = Endpoint(url=name, model=served_name, api_key_env=api_key_env, top_k=top_k)
+        return RemoteLM(endpoint, load_tokenizer(_tokenizer_for(name, tokenizer)))
+    if name.startswith("gguf:"):
+        from fedpt.models import store
+        from fedpt.models.llama_cpp import LlamaCppLM
+
+        registered = name.removeprefix("gguf:")
+        return LlamaCppLM(store.gguf_file(registered), load_tokenizer(tokenizer or registered), name=name)
+    if name.endswith(".gguf"):
+        from fedpt.models.llama_cpp import LlamaCppLM
+
+        return LlamaCppLM(name, load_tokenizer(_tokenizer_for(name, tokenizer)))
+    return HFCausalLM.load(name, dtype=dtype, device=device)
+
+
+def _tokenizer_for(name: str, tokenizer: str | None) -> str:
+    if tokenizer is None:
+        raise FedptError(f"{name}: give the small model (or --tokenizer) whose tokenizer it shares")
+    return tokenizer
+
+
+def open_large(model: ModelConfig, dtype: str = "bfloat16", device: str = "cpu") -> LanguageModel:
+    """The run's large model: local weights, or the black box at `model.large` when that is a URL."""
+    return open_lm(model.large, tokenizer=model.small, served_name=model.large_served_name,
+                   api_key_env=model.large_api_key_env, top_k=model.large_top_k, dtype=dtype, device=device)
