@@ -8,6 +8,7 @@ left-padded token sequences, either step by step with a cache (decoding) or at m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,3 +63,37 @@ def check_same_vocabulary(a: Any, b: Any) -> None:
             f"models '{a.name}' (vocabulary {len(va)}) and '{b.name}' (vocabulary {len(vb)}) have different "
             "tokenizers; proxy-tuning needs a small and a large model with the same tokenizer"
         )
+
+
+@dataclass
+class RowsState:
+    rows: list[list[int]]  # each row's tokens so far, without padding
+
+
+class RowByRowLM(LanguageModel):
+    """A model that reads each row's tokens without padding, and keeps no cache fedpt must carry: a server
+    (fedpt/models/remote.py) or llama.cpp (fedpt/models/llama_cpp.py). Subclasses answer two questions."""
+
+    @abstractmethod
+    def next_logprobs(self, rows: list[list[int]]) -> Tensor:
+        """Log-probs of the token after each row: (B, V)."""
+
+    @abstractmethod
+    def last_logprobs(self, rows: list[list[int]], last: int) -> Tensor:
+        """Log-probs after each of the last `last` tokens of each row: (B, last, V)."""
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, RowsState]:
+        rows = unpadded(input_ids, attention_mask)
+        return self.next_logprobs(rows), RowsState(rows)
+
+    def step(self, state: RowsState, tokens: Tensor) -> Tensor:
+        for row, token in zip(state.rows, tokens.tolist()):
+            row.append(token)
+        return self.next_logprobs(state.rows)
+
+    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
+        return self.last_logprobs(unpadded(input_ids, attention_mask), last)
+
+
+def unpadded(input_ids: Tensor, attention_mask: Tensor) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]

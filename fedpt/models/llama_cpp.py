@@ -8,7 +8,6 @@ the longest prefix the cache already holds, so decoding is fastest at batch size
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,11 @@ import torch
 from torch import Tensor
 
 from fedpt.errors import FedptError, first_line
-from fedpt.models.interface import LanguageModel
+from fedpt.models.interface import RowByRowLM
 from fedpt.models.remote import PROBE
 
 
-@dataclass
-class LlamaCppState:
-    rows: list[list[int]]
-
-
-class LlamaCppLM(LanguageModel):
+class LlamaCppLM(RowByRowLM):
     """Next-token log-probabilities of a GGUF model, through llama.cpp's own context and cache."""
 
     def __init__(self, gguf: str | Path, tokenizer: Any, *, n_ctx: int = 2048, threads: int | None = None,
@@ -68,19 +62,8 @@ class LlamaCppLM(LanguageModel):
             llm.eval(tokens[common:])
         return llm.scores[len(tokens) - last: len(tokens), : self.vocab_size].copy()
 
-    def _next(self, rows: list[list[int]]) -> Tensor:
+    def next_logprobs(self, rows: list[list[int]]) -> Tensor:
         return torch.log_softmax(torch.from_numpy(np.stack([self._scores(row)[-1] for row in rows])), -1)
 
-    def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, LlamaCppState]:
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
-        return self._next(rows), LlamaCppState(rows)
-
-    def step(self, state: LlamaCppState, tokens: Tensor) -> Tensor:
-        for row, token in zip(state.rows, tokens.tolist()):
-            row.append(token)
-        return self._next(state.rows)
-
-    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
-        scores = np.stack([self._scores(row, last) for row in rows])
-        return torch.log_softmax(torch.from_numpy(scores), -1)
+    def last_logprobs(self, rows: list[list[int]], last: int) -> Tensor:
+        return torch.log_softmax(torch.from_numpy(np.stack([self._scores(row, last) for row in rows])), -1)

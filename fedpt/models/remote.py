@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fedpt.errors import FedptError, first_line
-from fedpt.models.interface import LanguageModel
+from fedpt.models.interface import RowByRowLM
 
 log = logging.getLogger("fedpt.remote")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -60,12 +60,7 @@ class Endpoint:
             raise FedptError(f"the API key variable {self.api_key_env} is not set in the environment")
 
 
-@dataclass
-class RemoteState:
-    rows: list[list[int]]  # each row's tokens so far, without padding
-
-
-class RemoteLM(LanguageModel):
+class RemoteLM(RowByRowLM):
     """Next-token top-k log-probabilities from a completions server; -inf for tokens it did not report."""
 
     remote = True  # I/O-bound: a proxy runs the small pair while this model's requests are in flight
@@ -85,29 +80,19 @@ class RemoteLM(LanguageModel):
         self.name = name or f"{self.model} at {endpoint.url}"
         self.token_prompts = self._check()
 
-    # --- the LanguageModel contract -------------------------------------------------------------------------
+    # --- the two questions of a row-by-row model ----------------------------------------------------------------
 
-    def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, RemoteState]:
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
-        return self._next_rows(rows), RemoteState(rows)
+    def next_logprobs(self, rows: list[list[int]]) -> Tensor:
+        return torch.stack(list(self._pool.map(self._next, rows)))
 
-    def step(self, state: RemoteState, tokens: Tensor) -> Tensor:
-        for row, token in zip(state.rows, tokens.tolist()):
-            row.append(token)
-        return self._next_rows(state.rows)
-
-    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    def last_logprobs(self, rows: list[list[int]], last: int) -> Tensor:
         if self.endpoint.echo_scoring:
             return torch.stack(list(self._pool.map(lambda row: self._echoed(row, last), rows)))
         # the distribution after each of the last `last` positions: one next-token request per prefix
         prefixes = [row[: len(row) - last + 1 + j] for row in rows for j in range(last)]
-        return self._next_rows(prefixes).view(len(rows), last, -1)
+        return self.next_logprobs(prefixes).view(len(rows), last, -1)
 
     # --- requests ---------------------------------------------------------------------------------------------
-
-    def _next_rows(self, rows: list[list[int]]) -> Tensor:
-        return torch.stack(list(self._pool.map(self._next, rows)))
 
     def _next(self, ids: list[int]) -> Tensor:
         """The log-probs of the token after `ids`: (V,), -inf where the server reported nothing."""

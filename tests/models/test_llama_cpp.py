@@ -110,4 +110,5 @@ def test_steering_llama_cpps_server_as_a_black_box(llama_server, cpp):
     remote, local = black_box.logprobs(ids, mask, 2), cpp.logprobs(ids, mask, 2)
     known = torch.isfinite(remote)
     assert known.sum(-1).min() >= 15  # about 20 reported per position (a few strings are ambiguous)
-    torch.testing.assert_close(remote[known], local[known], atol=0.05, rtol=0)
+    # two llama.cpp contexts batch their sums differently: seen here up to 0.15 on a log-prob of -6.6 (2.3%)
+    torch.testing.assert_close(remote[known], local[known], atol=0.05, rtol=0.05)
