@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--overlap-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--parts", nargs="+", default=["sweep", "in_process", "overlap"],
+                        help="sweep needs the trained adapter; in_process and overlap time a random one if missing")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/blackbox.json"))
     args = parser.parse_args()
     setup_process()
@@ -215,9 +217,41 @@ def main() -> None:
     chosen = json.loads(args.results.read_text())["chosen_on_validation"]["overall"]
     fusion = next(f for f in [Fusion(alpha=a, weight=w) for a in run.experiment.alphas
                               for w in (0.0, *run.experiment.fusion_weights)] if f.label == chosen)
-    expert = load_expert(SMALL, args.adapter)
+    trained = args.adapter.exists()
+    if "sweep" in args.parts and not trained:
+        raise SystemExit(f"{args.adapter} is missing: train it first (see this file's docstring)")
+    expert = load_expert(SMALL, args.adapter) if trained else random_expert(run)
     result: dict = {"benchmark": "blackbox", "small": SMALL, "large": LARGE, "fusion": fusion.label,
+                    "adapter": str(args.adapter) if trained else "random (timing only)", "parts": args.parts,
                     "test_examples": len(test), "tokens": args.tokens, "machine": {"cpus": os.cpu_count()}}
+    if "sweep" in args.parts:
+        result.update(sweep_with_gaps(args, run, expert, fusion, test))
+    if "in_process" in args.parts:
+        result["in_process"] = in_process(args, expert, fusion)
+    if "overlap" in args.parts:
+        result["overlap"] = overlap(args, expert)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def random_expert(run: cfg.RunConfig):
+    """The experiment's LoRA recipe with small random B weights, as after some training: timing only."""
+    from fedpt.models import load_model
+    from fedpt.proxy import AdapterPair
+    from fedpt.tuning.local import make_trainable
+
+    model, tokenizer, _ = load_model(SMALL)
+    peft_model = make_trainable(model, run.tuning, seed=0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return AdapterPair(peft_model.eval(), tokenizer)
+
+
+def sweep_with_gaps(args: argparse.Namespace, run: cfg.RunConfig, expert, fusion: Fusion, test) -> dict:
+    result: dict = {}
 
     # the gap's two ends on the same pairs, with local weights
     large_base = nll(HFCausalLM.load(LARGE), test, max_length=run.score_max_length)["nll"]
@@ -237,11 +271,7 @@ def main() -> None:
         if direct is not None:
             row["gap_closed"] = gap_closed(row["nll"], large_base, direct)
     result["top_k"] = sweep
-    result["in_process"] = in_process(args, expert, fusion)
-    result["overlap"] = overlap(args, expert)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
