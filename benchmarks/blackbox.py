@@ -136,8 +136,8 @@ class LatencyServer:
     the overlap itself, not a second model competing for the same 2 cores."""
 
     def __init__(self, tokenizer, latency: float, k: int = 20):
-        answer = json.dumps({"choices": [{"index": 0, "text": "a", "logprobs": {
-            "tokens": ["a"], "top_logprobs": [{tokenizer.decode([i]): -1.0 - i / 100 for i in range(100, 100 + k)}]}}]})
+        answer = json.dumps({"choices": [{"index": 0, "text": "a", "logprobs": {  # no echoed tokens to check
+            "top_logprobs": [{tokenizer.decode([i]): -1.0 - i / 100 for i in range(100, 100 + k)}]}}]})
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -224,15 +224,15 @@ def main() -> None:
     result: dict = {"benchmark": "blackbox", "small": SMALL, "large": LARGE, "fusion": fusion.label,
                     "adapter": str(args.adapter) if trained else "random (timing only)", "parts": args.parts,
                     "test_examples": len(test), "tokens": args.tokens, "machine": {"cpus": os.cpu_count()}}
-    if "sweep" in args.parts:
-        result.update(sweep_with_gaps(args, run, expert, fusion, test))
-    if "in_process" in args.parts:
-        result["in_process"] = in_process(args, expert, fusion)
-    if "overlap" in args.parts:
-        result["overlap"] = overlap(args, expert)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    # the quick parts first; the JSON is rewritten after each part, so a stopped run keeps what it measured
+    for part, measure in [("in_process", lambda: {"in_process": in_process(args, expert, fusion)}),
+                          ("overlap", lambda: {"overlap": overlap(args, expert)}),
+                          ("sweep", lambda: sweep_with_gaps(args, run, expert, fusion, test))]:
+        if part in args.parts:
+            result.update(measure())
+            args.out.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2), flush=True)
 
 
 def random_expert(run: cfg.RunConfig):
