@@ -63,7 +63,7 @@ class LlamaCppLM(RowByRowLM):
         return llm.scores[len(tokens) - last: len(tokens), : self.vocab_size].copy()
 
     def next_logprobs(self, rows: list[list[int]]) -> Tensor:
-        return torch.log_softmax(torch.from_numpy(np.stack([self._scores(row)[-1] for row in rows])), -1)
+        return self.last_logprobs(rows, 1)[:, 0]
 
     def last_logprobs(self, rows: list[list[int]], last: int) -> Tensor:
         return torch.log_softmax(torch.from_numpy(np.stack([self._scores(row, last) for row in rows])), -1)

@@ -94,17 +94,20 @@ class RemoteLM(RowByRowLM):
 
     # --- requests ---------------------------------------------------------------------------------------------
 
+    def _complete(self, prompt: list[int] | str, logprobs: int | None = None, echo: bool = False,
+                  retries: int | None = None) -> dict:
+        """One greedy token of `prompt`, with the top `logprobs` (default: the endpoint's k) of each position."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": logprobs or self.endpoint.top_k, **({"echo": True} if echo else {})}
+        return self._request("POST", "/completions", body, self.endpoint.retries if retries is None else retries)
+
     def _next(self, ids: list[int]) -> Tensor:
         """The log-probs of the token after `ids`: (V,), -inf where the server reported nothing."""
-        body = {"model": self.model, "prompt": self._prompt(ids), "max_tokens": 1, "temperature": 0.0,
-                "logprobs": self.endpoint.top_k}
-        return self._row(self._top_logprobs(self._post("/completions", body)))
+        return self._row(self._top_logprobs(self._complete(self._prompt(ids))))
 
     def _echoed(self, ids: list[int], last: int) -> Tensor:
         """(last, V) from one echo request: entry j of `top_logprobs` predicts token j, the final entry the next."""
-        body = {"model": self.model, "prompt": self._prompt(ids), "max_tokens": 1, "temperature": 0.0,
-                "logprobs": self.endpoint.top_k, "echo": True}
-        reply = self._post("/completions", body)
+        reply = self._complete(self._prompt(ids), echo=True)
         self._top_logprobs(reply)  # a one-line error where there are none
         entries = reply["choices"][0]["logprobs"]["top_logprobs"][len(ids) - last + 1: len(ids) + 1]
         return torch.stack([self._row(entry or {}) for entry in entries])
@@ -145,9 +148,6 @@ class RemoteLM(RowByRowLM):
                              "that answers `logprobs` on /v1/completions")
         return {str(k): float(v) for k, v in top.items()}
 
-    def _post(self, path: str, body: dict, retries: int | None = None) -> dict:
-        return self._request("POST", path, body, self.endpoint.retries if retries is None else retries)
-
     def _request(self, method: str, path: str, body: dict | None, retries: int) -> dict:
         import httpx
 
@@ -186,9 +186,7 @@ class RemoteLM(RowByRowLM):
     def _check(self) -> bool:
         """Log-probabilities, the same tokens, and whether token-id prompts work; returns the latter."""
         ids = self.tokenizer(PROBE, add_special_tokens=False)["input_ids"]
-        reply = self._post("/completions", {"model": self.model, "prompt": PROBE, "max_tokens": 1,
-                                            "temperature": 0.0, "logprobs": self.endpoint.top_k})
-        reported = self._top_logprobs(reply)
+        reported = self._top_logprobs(self._complete(PROBE))
         known = [k for k in reported if k in self._ids_of or k.startswith("token_id:")]
         if len(known) < max(1, len(reported) // 2):
             raise FedptError(f"the server at {self.endpoint.url} reports tokens the tokenizer of {self.model!r} does "
@@ -196,17 +194,14 @@ class RemoteLM(RowByRowLM):
                              "small model's tokenizer")
         self._check_tokenization(ids)
         try:
-            as_ids = self._post("/completions", {"model": self.model, "prompt": ids, "max_tokens": 1,
-                                                 "temperature": 0.0, "logprobs": self.endpoint.top_k}, retries=0)
-            return bool(self._top_logprobs(as_ids))
+            return bool(self._top_logprobs(self._complete(ids, retries=0)))
         except FedptError:
             return False
 
     def _check_tokenization(self, ids: list[int]) -> None:
         """Where the server echoes the prompt's tokens, they must be the tokenizer's own."""
         try:
-            reply = self._post("/completions", {"model": self.model, "prompt": PROBE, "max_tokens": 1, "echo": True,
-                                                "temperature": 0.0, "logprobs": 1}, retries=0)
+            reply = self._complete(PROBE, logprobs=1, echo=True, retries=0)
             tokens = reply["choices"][0]["logprobs"]["tokens"][: len(ids)]
         except (FedptError, KeyError, IndexError, TypeError):
             return  # no echo here: the reported tokens were checked above
