@@ -84,14 +84,70 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+# the model options of `generate` and `serve`: the large model, alone or proxy-tuned by the small pair
+Large = Annotated[str | None, typer.Option(help="large model: a registered name, a local HF folder, a GGUF file, or a "
+                                                "server URL (http://HOST:PORT/v1) answering /v1/completions with "
+                                                "logprobs")]
+Small = Annotated[str | None, typer.Option(help="small base model (with --adapter): proxy-tune the large")]
+Adapter = Annotated[Path | None, typer.Option(help="tuned small: LoRA adapter folder or full model folder")]
+Experiment = Annotated[Path | None, typer.Option(help="an experiment folder: its models, its FedPT adapter and the "
+                                                      "fusion it chose on validation (results.json)")]
+Alpha = Annotated[float | None, typer.Option(help="strength of the steering (default 1)")]
+Weight = Annotated[float | None, typer.Option(help="share of the tuned small model in a geometric mixture with "
+                                                   "the proxy (0: the proxy alone)")]
+Dynamic = Annotated[bool, typer.Option(help="choose alpha per token (dynamic logit fusion)")]
+SmallInt8 = Annotated[bool, typer.Option(help="int8 weights for the small pair: faster, a bit different")]
+Dtype = Annotated[str, typer.Option(click_type=DTYPE_CHOICES, help="weights' number format")]
+Device = Annotated[str, typer.Option(click_type=DEVICE_CHOICES, help="where the models run")]
+Tokenizer = Annotated[str | None, typer.Option(help="with a URL or GGUF: the model whose tokenizer it shares "
+                                                    "(default: --small)")]
+ServedName = Annotated[str, typer.Option(help="with a URL: the served model's name (default: the first)")]
+ApiKeyEnv = Annotated[str, typer.Option(help="with a URL: the NAME of the environment variable that holds the "
+                                             "large server's API key (the key itself never goes on the command line)")]
+TopK = Annotated[int, typer.Option(help="with a URL: log-probabilities asked per position")]
+
+
+def open_model(large: str | None, small: str | None, adapter: Path | None, experiment: Path | None,
+               alpha: float | None, weight: float | None, dynamic: bool, small_int8: bool, dtype: str, device: str,
+               tokenizer: str | None, served_name: str, api_key_env: str, top_k: int):
+    """The large model, proxy-tuned when a small pair is given (or an experiment's recommendation)."""
+    from fedpt.models.loading import open_lm
+    from fedpt.proxy import Fusion, ProxyTunedLM, load_expert
+
+    fusion = None
+    if experiment is not None:
+        from fedpt.experiment.results import recommended
+
+        if alpha is not None or weight is not None or dynamic:
+            raise FedptError("--experiment brings the fusion it chose; drop --alpha, --weight and --dynamic")
+        chosen = recommended(experiment)
+        large, small = large or chosen["large"], small or chosen["small"]
+        adapter = adapter or chosen["adapter"]
+        fusion = Fusion.from_label(chosen["fusion"])
+    if large is None:
+        raise FedptError("give --large (or --experiment)")
+    if (small is None) != (adapter is None):
+        raise FedptError("--small and --adapter go together: the small base model and its tuned version")
+    if small is None and (alpha is not None or weight is not None or dynamic):
+        raise FedptError("--alpha, --weight and --dynamic steer with a small pair: give --small and --adapter")
+    lm = open_lm(large, tokenizer=tokenizer or small, served_name=served_name, api_key_env=api_key_env, top_k=top_k,
+                 dtype=dtype, device=device)
+    if small is None:
+        return lm
+    fusion = fusion or Fusion(alpha=1.0 if alpha is None else alpha, weight=weight or 0.0, dynamic=dynamic)
+    return ProxyTunedLM(lm, load_expert(small, adapter, dtype=dtype, device=device, int8=small_int8), fusion=fusion)
+
+
 @app.command()
 def generate(
-    large: Annotated[str, typer.Option(help="large model: a registered name, a local HF folder, or a server URL "
-                                            "(http://HOST:PORT/v1) answering /v1/completions with logprobs")],
-    small: Annotated[str | None, typer.Option(help="small base model (with --adapter): proxy-tune the large")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="tuned small: LoRA adapter folder or full model folder")] = None,
-    alpha: Annotated[float, typer.Option(help="strength of the steering")] = 1.0,
-    small_int8: Annotated[bool, typer.Option(help="int8 weights for the small pair: faster, a bit different")] = False,
+    large: Large = None,
+    small: Small = None,
+    adapter: Adapter = None,
+    experiment: Experiment = None,
+    alpha: Alpha = None,
+    weight: Weight = None,
+    dynamic: Dynamic = False,
+    small_int8: SmallInt8 = False,
     prompt: Annotated[str | None, typer.Option(help="one prompt")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="a prompt per line, or .jsonl with 'prompt'")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most per prompt")] = 64,
@@ -102,38 +158,75 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop at this text (repeatable)")] = None,
     raw: Annotated[bool, typer.Option(help="do not apply the chat template")] = False,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together")] = 8,
-    dtype: Annotated[str, typer.Option(click_type=DTYPE_CHOICES, help="weights' number format")] = "bfloat16",
-    device: Annotated[str, typer.Option(click_type=DEVICE_CHOICES, help="where the models run")] = "cpu",
-    tokenizer: Annotated[str | None, typer.Option(help="with a URL: the model whose tokenizer the server shares "
-                                                       "(default: --small)")] = None,
-    served_name: Annotated[str, typer.Option(help="with a URL: the served model's name (default: the first)")] = "",
-    api_key_env: Annotated[str, typer.Option(help="with a URL: the NAME of the environment variable that holds the "
-                                                  "API key (the key itself never goes on the command line)")] = "",
-    top_k: Annotated[int, typer.Option(help="with a URL: log-probabilities asked per position")] = 20,
+    dtype: Dtype = "bfloat16",
+    device: Device = "cpu",
+    tokenizer: Tokenizer = None,
+    served_name: ServedName = "",
+    api_key_env: ApiKeyEnv = "",
+    top_k: TopK = 20,
 ) -> None:
-    """Continue prompts with the large model, proxy-tuned when --small and --adapter are given."""
+    """Continue prompts with the large model, proxy-tuned when --small and --adapter (or --experiment) are given."""
     from rich.progress import Progress
 
     from fedpt.decoding import GenerationConfig, generate_each
-    from fedpt.models.loading import open_lm
-    from fedpt.proxy import ProxyTunedLM, load_expert
 
     if (prompt is None) == (prompts_file is None):
         raise FedptError("give exactly one of --prompt or --prompts-file")
-    if (small is None) != (adapter is None):
-        raise FedptError("--small and --adapter go together: the small base model and its tuned version")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()), not raw, batch_size)
     quiet_transformers()
-    lm = open_lm(large, tokenizer=tokenizer or small, served_name=served_name, api_key_env=api_key_env, top_k=top_k,
-                 dtype=dtype, device=device)
-    if small is not None:
-        lm = ProxyTunedLM(lm, load_expert(small, adapter, dtype=dtype, device=device, int8=small_int8), alpha=alpha)
+    lm = open_model(large, small, adapter, experiment, alpha, weight, dynamic, small_int8, dtype, device, tokenizer,
+                    served_name, api_key_env, top_k)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         for p, completion in zip(prompts, generate_each(lm, prompts, config, progress=progress)):
             # each answer is written as soon as it is done: a failure later loses none of them
             print(completion if prompts_file is None else json.dumps({"prompt": p, "completion": completion},
                                                                      ensure_ascii=False), flush=True)
+
+
+@app.command()
+def serve(
+    large: Large = None,
+    small: Small = None,
+    adapter: Adapter = None,
+    experiment: Experiment = None,
+    alpha: Alpha = None,
+    weight: Weight = None,
+    dynamic: Dynamic = False,
+    small_int8: SmallInt8 = False,
+    host: Annotated[str, typer.Option(help="address to listen on (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    name: Annotated[str, typer.Option(help="the model name clients ask for")] = "fedpt",
+    require_key_env: Annotated[str, typer.Option(help="the NAME of an environment variable holding the API key "
+                                                      "clients must send as a bearer token")] = "",
+    max_batch: Annotated[int, typer.Option(help="requests decoded together")] = 8,
+    max_queue: Annotated[int, typer.Option(help="requests that may wait; more are answered 429")] = 64,
+    max_prompt_tokens: Annotated[int, typer.Option(help="longer prompts are answered 400")] = 2048,
+    max_tokens: Annotated[int, typer.Option(help="most new tokens a request may ask for")] = 1024,
+    timeout: Annotated[float, typer.Option(help="seconds a request may take, waiting included")] = 600.0,
+    dtype: Dtype = "bfloat16",
+    device: Device = "cpu",
+    tokenizer: Tokenizer = None,
+    served_name: ServedName = "",
+    api_key_env: ApiKeyEnv = "",
+    top_k: TopK = 20,
+) -> None:
+    """Serve the large model, proxy-tuned when --small and --adapter (or --experiment) are given, over an
+    OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions."""
+    from fedpt.serving import Limits
+    from fedpt.serving import serve as run_server
+    from fedpt.serving.server import check_free
+
+    if not 0 < port < 65536:
+        raise FedptError(f"--port must lie in 1..65535, got {port}")
+    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, timeout=timeout)
+    check_free(host, port)
+    quiet_transformers()
+    lm = open_model(large, small, adapter, experiment, alpha, weight, dynamic, small_int8, dtype, device, tokenizer,
+                    served_name, api_key_env, top_k)
+    print(f"serving {lm.name} as '{name}' at http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    run_server(lm, host, port, name=name, limits=limits, api_key_env=require_key_env, max_batch=max_batch,
+               max_queue=max_queue)
 
 
 @app.command()

@@ -40,6 +40,10 @@ def test_prompts_file_gives_jsonl(cli, tiny, tmp_path, suffix):
         (["--prompt", "x", "--max-new-tokens", 0], "max_new_tokens must be at least 1"),
         (["--prompt", "x", "--dtype", "int3"], "Invalid value for '--dtype': 'int3' is not one of 'bfloat16'"),
         (["--prompt", "x", "--top-p", "many"], "Invalid value for '--top-p': 'many' is not a valid float"),
+        (["--prompt", "x", "--alpha", "2"], "--alpha, --weight and --dynamic steer with a small pair"),
+        (["--prompt", "x", "--small", "S", "--adapter", "A", "--alpha", "nan"], "must be finite numbers"),
+        (["--prompt", "x", "--small", "S", "--adapter", "A", "--weight", "2"], "must lie in [0, 1]"),
+        (["--prompt", "x", "--experiment", "/no/such/experiment"], "has no results.json"),
     ],
 )
 def test_errors_are_one_line(cli, tiny, args, message):
@@ -82,3 +86,43 @@ def test_version_and_help(cli, monkeypatch):
 def test_unknown_command_is_one_line(cli):
     code, _, err = cli("frobnicate")
     assert code == 2 and err.startswith("fedpt: error: No such command 'frobnicate'") and err.count("\n") == 1
+
+
+def fake_experiment(folder, tiny, tiny_adapter, fusion="alpha=1, w=0.5"):
+    """An experiment folder as `fedpt experiment` leaves it, as far as serving reads it."""
+    import shutil
+
+    (folder / "fedpt").mkdir(parents=True)
+    shutil.copytree(tiny_adapter, folder / "fedpt" / "final")
+    results = {"config": {"model": {"small": str(tiny["small"]), "large": str(tiny["large"])}},
+               "chosen_on_validation": {"overall": fusion}, "models": {}, "costs": {}, "targets": {},
+               "cost_ratio_fedpt_over_direct": {}}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+@pytest.mark.parametrize("fusion, options", [("alpha=1, w=0.5", ["--weight", 0.5]),
+                                             ("dynamic alpha", ["--dynamic"]), ("alpha=0.5", ["--alpha", 0.5])])
+def test_generate_takes_the_fusion_an_experiment_chose(cli, tiny, tiny_adapter, tmp_path, fusion, options):
+    experiment = fake_experiment(tmp_path / "exp", tiny, tiny_adapter, fusion)
+    common = ["generate", "--prompt", "hello world", "--max-new-tokens", 8, "--dtype", "float32"]
+    code, chosen, err = cli(*common, "--experiment", experiment)
+    assert code == 0, err
+    explicit = ["--large", tiny["large"], "--small", tiny["small"], "--adapter", tiny_adapter]
+    assert cli(*common, *explicit, *options)[1] == chosen
+    assert cli(*common, *explicit)[1] != chosen or fusion == "alpha=1"  # the fusion made a difference
+    code, _, err = cli(*common, "--experiment", experiment, "--alpha", 2)
+    assert code == 2 and "drop --alpha" in err
+
+
+def test_serve_refuses_a_port_in_use(cli, tiny):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = cli("serve", "--large", tiny["large"], "--port", port, "--dtype", "float32")
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+    code, _, err = cli("serve", "--large", tiny["large"], "--port", 0)
+    assert code == 2 and "--port must lie in 1..65535" in err

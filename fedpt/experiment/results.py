@@ -123,5 +123,17 @@ def load_results(folder: Path) -> dict[str, Any]:
     return results
 
 
+def recommended(folder: Path) -> dict[str, Any]:
+    """What an experiment recommends serving: its models, its FedPT adapter and the fusion chosen on validation."""
+    results = load_results(folder)
+    try:
+        fusion = results["chosen_on_validation"]["overall"]
+        model = results["config"]["model"]
+        small, large = model["small"], model["large"]
+    except (KeyError, TypeError):
+        raise FedptError(f"{folder / RESULTS} lacks the fusion chosen on validation or the models") from None
+    return {"fusion": fusion, "small": small, "large": large, "adapter": folder / "fedpt" / "final"}
+
+
 def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))

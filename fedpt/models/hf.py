@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,45 @@ class HFCausalLM(LanguageModel):
 
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
         return self._forward(input_ids, attention_mask, positions(attention_mask), None, keep=last)
+
+    def select(self, state: HFState, rows: Sequence[int]) -> HFState:
+        index = torch.tensor(list(rows), dtype=torch.long)
+        mask = state.attention_mask[index]
+        first = int(mask.any(0).long().argmax())  # columns left of it were padding of rows that left
+        on_device = index.to(self.device)
+        _edit_cache(state.cache, lambda kv: kv[on_device, :, first:])  # kv: (B, heads, T, head_dim)
+        return HFState(state.cache, mask[:, first:], state.next_position[index])
+
+    def join(self, state: HFState, other: HFState) -> HFState:
+        width = max(state.attention_mask.shape[1], other.attention_mask.shape[1])
+        for mine, theirs in zip(_layers(state.cache), _layers(other.cache)):
+            # left-pad the shorter cache with masked-out zeros, then stack the rows: (B1 + B2, heads, width, head_dim)
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        mask = torch.cat([_pad_left(state.attention_mask, width, 1), _pad_left(other.attention_mask, width, 1)])
+        return HFState(state.cache, mask, torch.cat([state.next_position, other.next_position]))
+
+
+def _layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") for layer in layers):
+        raise FedptError("this model's cache cannot change rows mid-batch (only full-attention caches can)")
+    return layers
+
+
+def _edit_cache(cache: Any, edit: Callable[[Tensor], Tensor]) -> None:
+    for layer in _layers(cache):
+        layer.keys, layer.values = edit(layer.keys), edit(layer.values)
+
+
+def _pad_left(t: Tensor, width: int, dim: int) -> Tensor:
+    """`t` with zeros prepended along `dim` up to `width`."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _standard_strides(module: torch.nn.Module, args: tuple) -> tuple:

@@ -8,6 +8,7 @@ left-padded token sequences, either step by step with a cache (decoding) or at m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,14 @@ class LanguageModel(ABC):
     @abstractmethod
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
         """Next-token log-probs after each of the last `last` positions of left-padded rows: (B, last, V)."""
+
+    def select(self, state: Any, rows: Sequence[int]) -> Any:
+        """The decoding state of these rows only, in this order: finished requests leave a running batch."""
+        raise FedptError(f"{self.name} cannot change the rows of a running batch")
+
+    def join(self, state: Any, other: Any) -> Any:
+        """One decoding state with the rows of `state`, then those of `other`: new requests join a running batch."""
+        raise FedptError(f"{self.name} cannot change the rows of a running batch")
 
 
 def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -93,6 +102,12 @@ class RowByRowLM(LanguageModel):
 
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> Tensor:
         return self.last_logprobs(unpadded(input_ids, attention_mask), last)
+
+    def select(self, state: RowsState, rows: Sequence[int]) -> RowsState:
+        return RowsState([state.rows[i] for i in rows])
+
+    def join(self, state: RowsState, other: RowsState) -> RowsState:
+        return RowsState(state.rows + other.rows)
 
 
 def unpadded(input_ids: Tensor, attention_mask: Tensor) -> list[list[int]]:

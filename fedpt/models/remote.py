@@ -76,6 +76,7 @@ class RemoteLM(RowByRowLM):
         self._pool = ThreadPoolExecutor(max_workers=endpoint.concurrency)
         self._ids_of = _string_map(tokenizer)
         self.stats = {"requests": 0, "retries": 0, "text_prompts_retokenized_differently": 0}
+        self.token_id_keys = False  # whether the server names reported tokens by id (vLLM's, fedpt's extension)
         self.model = endpoint.model or self._first_model()
         self.name = name or f"{self.model} at {endpoint.url}"
         self.token_prompts = self._check()
@@ -98,7 +99,8 @@ class RemoteLM(RowByRowLM):
                   retries: int | None = None) -> dict:
         """One greedy token of `prompt`, with the top `logprobs` (default: the endpoint's k) of each position."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-                "logprobs": logprobs or self.endpoint.top_k, **({"echo": True} if echo else {})}
+                "logprobs": logprobs or self.endpoint.top_k, **({"echo": True} if echo else {}),
+                **({"return_tokens_as_token_ids": True} if self.token_id_keys else {})}
         return self._request("POST", "/completions", body, self.endpoint.retries if retries is None else retries)
 
     def _next(self, ids: list[int]) -> Tensor:
@@ -193,6 +195,12 @@ class RemoteLM(RowByRowLM):
                              f"not have ({', '.join(map(repr, list(reported)[:5]))}); the large model must share the "
                              "small model's tokenizer")
         self._check_tokenization(ids)
+        self.token_id_keys = True  # tokens by id where the server can: no two tokens share a key then
+        try:
+            self.token_id_keys = all(k.startswith("token_id:") for k in self._top_logprobs(
+                self._complete(PROBE, retries=0)))
+        except FedptError:
+            self.token_id_keys = False
         try:
             return bool(self._top_logprobs(self._complete(ids, retries=0)))
         except FedptError:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedpt.errors import FedptError
+
 DYNAMIC_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 BELOW_KNOWN = math.log(0.999)  # a filled token stays just below the smallest reported one
 
@@ -57,6 +59,26 @@ class Fusion:
     def label(self) -> str:
         core = "dynamic alpha" if self.dynamic else f"alpha={self.alpha:g}"
         return core if self.weight == 0 else f"{core}, w={self.weight:g}"
+
+    @classmethod
+    def from_label(cls, label: str) -> Fusion:
+        """The fusion a label names (the inverse of `label`): "alpha=1", "alpha=1, w=0.5", "dynamic alpha, w=0.25"."""
+        core, _, rest = label.partition(",")
+        try:
+            weight = float(rest.strip().removeprefix("w=")) if rest else 0.0
+            if core.strip() == "dynamic alpha":
+                return cls(weight=weight, dynamic=True)
+            if not core.strip().startswith("alpha="):
+                raise ValueError
+            return cls(alpha=float(core.strip().removeprefix("alpha=")), weight=weight)
+        except ValueError:
+            raise FedptError(f"'{label}' names no fusion (e.g. 'alpha=1', 'alpha=1, w=0.5', 'dynamic alpha')") from None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and math.isfinite(self.weight)):
+            raise FedptError(f"alpha and the mixture weight must be finite numbers, got {self.alpha}, {self.weight}")
+        if not 0 <= self.weight <= 1:
+            raise FedptError(f"the mixture weight must lie in [0, 1], got {self.weight}")
 
     def steer(self, large: Tensor, base: Tensor, tuned: Tensor) -> Tensor:
         """The proxy part: scores of the large model shifted by the small pair (fixed or per-token alpha)."""

@@ -7,7 +7,7 @@ fine-tuned model gives two separate models (`SeparatePair`). `load_expert` picks
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,14 @@ class ExpertPair(ABC):
     @abstractmethod
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> tuple[Tensor, Tensor]:
         """Like LanguageModel.logprobs, returning (base log-probs, tuned log-probs)."""
+
+    @abstractmethod
+    def select(self, state: Any, rows: Sequence[int]) -> Any:
+        """Like LanguageModel.select."""
+
+    @abstractmethod
+    def join(self, state: Any, other: Any) -> Any:
+        """Like LanguageModel.join."""
 
 
 class AdapterPair(ExpertPair):
@@ -111,6 +119,18 @@ class AdapterPair(ExpertPair):
             base, tuned = self._lm.logprobs(input_ids.repeat(2, 1), attention_mask.repeat(2, 1), last).chunk(2)
         return base, tuned
 
+    # the state holds 2B rows: the B base rows, then the same B rows tuned
+    def select(self, state: Any, rows: Sequence[int]) -> Any:
+        batch = len(state.attention_mask) // 2
+        return self._lm.select(state, [*rows, *(batch + r for r in rows)])
+
+    def join(self, state: Any, other: Any) -> Any:
+        a, b = len(state.attention_mask) // 2, len(other.attention_mask) // 2
+        joined = self._lm.join(state, other)  # rows: a base, a tuned, b base, b tuned
+        base = [*range(a), *range(2 * a, 2 * a + b)]
+        tuned = [*range(a, 2 * a), *range(2 * a + b, 2 * (a + b))]
+        return self._lm.select(joined, base + tuned)
+
 
 class SeparatePair(ExpertPair):
     """Base and tuned as two models (full fine-tuning, or two unrelated checkpoints), each with its own cache."""
@@ -137,6 +157,12 @@ class SeparatePair(ExpertPair):
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, last: int) -> tuple[Tensor, Tensor]:
         return (self.base.logprobs(input_ids, attention_mask, last),
                 self._tuned.logprobs(input_ids, attention_mask, last))
+
+    def select(self, state: Any, rows: Sequence[int]) -> Any:
+        return self.base.select(state[0], rows), self._tuned.select(state[1], rows)
+
+    def join(self, state: Any, other: Any) -> Any:
+        return self.base.join(state[0], other[0]), self._tuned.join(state[1], other[1])
 
 
 def is_adapter(folder: str | Path) -> bool:

@@ -11,7 +11,7 @@ LanguageModel itself, the proxy is decoded, scored and served like any other mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -67,3 +67,9 @@ class ProxyTunedLM(LanguageModel):
         large, (base, tuned) = self._both(lambda: self.large.logprobs(input_ids, attention_mask, last),
                                           lambda: self.expert.logprobs(input_ids, attention_mask, last))
         return self.fusion(large, base, tuned)
+
+    def select(self, state: ProxyState, rows: Sequence[int]) -> ProxyState:
+        return ProxyState(self.large.select(state.large, rows), self.expert.select(state.expert, rows))
+
+    def join(self, state: ProxyState, other: ProxyState) -> ProxyState:
+        return ProxyState(self.large.join(state.large, other.large), self.expert.join(state.expert, other.expert))

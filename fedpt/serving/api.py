@@ -1,0 +1,416 @@
+"""The OpenAI-compatible HTTP API over an Engine: /v1/models, /v1/completions, /v1/chat/completions.
+
+Every answer is either a response in OpenAI's format or an OpenAI-style error object
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status: a bad request never takes the server
+down and never returns a stack trace. The API key (optional) is read from an environment variable whose name
+is given; it is never printed or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from fedpt.errors import FedptError
+from fedpt.serving.engine import Engine, QueueFull, Report, Request, Sampling, TokenInfo
+
+log = logging.getLogger("fedpt.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024  # most new tokens one request may ask for
+    default_chat_tokens: int = 256  # new tokens of a chat request that names no limit
+    max_body_bytes: int = 1 << 20
+    timeout: float = 600.0  # seconds a request may take, queueing included
+
+    def __post_init__(self) -> None:
+        for key in ("max_prompt_tokens", "max_tokens", "default_chat_tokens", "max_body_bytes", "timeout"):
+            value = getattr(self, key)
+            if not value > 0 or value != value:
+                raise FedptError(f"{key} must be a positive number, got {value}")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# ---- requests: the fields fedpt honours; unknown fields are ignored, known ones are checked ----
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: "token_id:N" instead of the token's text
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def _parse(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"'{where}': {first['msg']}" if where else first["msg"], param=where or None) from None
+
+
+# ---- the app ----
+
+class API:
+    """Turns HTTP requests into engine requests and engine reports into OpenAI responses."""
+
+    def __init__(self, engine: Engine, model_name: str, limits: Limits, api_key_env: str = ""):
+        self.engine, self.model_name, self.limits = engine, model_name, limits
+        self.tokenizer = engine.lm.tokenizer
+        self._key = os.environ.get(api_key_env, "") if api_key_env else ""
+        if api_key_env and not self._key:
+            raise FedptError(f"the API key variable {api_key_env} is not set in the environment")
+        self.created = int(time.time())
+
+    def app(self) -> Starlette:
+        routes = [Route("/health", self.health), Route("/v1/models", self.models),
+                  Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/v1/chat/completions", self.chat, methods=["POST"])]
+        app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed,
+                                                           APIError: _api_error, Exception: _internal})
+        return app
+
+    async def health(self, request: HTTPRequest) -> Response:
+        return JSONResponse({"status": "ok", **self.engine.load})
+
+    async def models(self, request: HTTPRequest) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fedpt"}]})
+
+    async def completions(self, request: HTTPRequest) -> Response:
+        self._authorize(request)
+        body = _parse(CompletionRequest, await self._json(request))
+        self._check_common(body)
+        prompts = [self._tokens_of(p) for p in _prompt_list(body.prompt)]
+        max_tokens = self._max_tokens(body.max_tokens if body.max_tokens is not None else 16)
+        if body.echo and body.stream:
+            raise APIError(400, "echo with stream is not supported", param="echo")
+        sampling = self._sampling(body, max_tokens, body.logprobs, echo=body.echo and body.logprobs is not None)
+        ids, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ids, "object": "text_completion", "created": created, "model": self.model_name}
+        if body.stream:
+            return self._stream(request, prompts, sampling, lambda i, r: {
+                **head, "choices": [{"index": i, "text": r.text, "finish_reason": _reason(r),
+                                     "logprobs": self._completion_logprobs(body, r.tokens) if r.tokens else None}]},
+                head, body)
+        results = await self._run(request, prompts, sampling)
+        choices = []
+        for i, (prompt, reports) in enumerate(zip(prompts, results)):
+            text = "".join(r.text for r in reports)
+            logprobs = None
+            if body.logprobs is not None:
+                scored = [t for r in reports for t in r.tokens]
+                prompt_infos = next((r.prompt for r in reports if r.prompt is not None), None) if body.echo else None
+                logprobs = self._completion_logprobs(body, scored, prompt, prompt_infos)
+            if body.echo:
+                text = self.tokenizer.decode(prompt) + text
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": _reason(reports[-1])})
+        return JSONResponse({**head, "choices": choices, "usage": _usage(prompts, results)})
+
+    async def chat(self, request: HTTPRequest) -> Response:
+        self._authorize(request)
+        body = _parse(ChatRequest, await self._json(request))
+        self._check_common(body)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, f"{self.model_name} has no chat template: use /v1/completions")
+        messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = self._check_prompt(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        limit = body.max_completion_tokens or body.max_tokens or self.limits.default_chat_tokens
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        sampling = self._sampling(body, self._max_tokens(limit), top, echo=False)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        if body.stream:
+            chunk = {**head, "object": "chat.completion.chunk"}
+            first = {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}]}
+            return self._stream(request, [prompt], sampling, lambda i, r: {
+                **chunk, "choices": [{"index": 0, "delta": {"content": r.text} if r.text else {},
+                                      "logprobs": self._chat_logprobs(body, r.tokens) if body.logprobs else None,
+                                      "finish_reason": _reason(r)}]}, chunk, body, first=first)
+        [reports] = await self._run(request, [prompt], sampling)
+        tokens = [t for r in reports for t in r.tokens]
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(r.text for r in reports)},
+                  "logprobs": self._chat_logprobs(body, tokens) if body.logprobs else None,
+                  "finish_reason": _reason(reports[-1])}
+        return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
+                             "usage": _usage([prompt], [reports])})
+
+    # ---- checks ----
+
+    def _authorize(self, request: HTTPRequest) -> None:
+        if not self._key:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self._key}".encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
+                           "invalid_api_key")
+
+    async def _json(self, request: HTTPRequest) -> Any:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body over {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body over {limit} bytes")
+        try:
+            parsed = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(parsed, dict):
+            raise APIError(400, "the body must be a JSON object")
+        return parsed
+
+    def _check_common(self, body: _Common) -> None:
+        if body.model not in (None, self.model_name):
+            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                           code="model_not_found", param="model")
+        if body.n != 1:
+            raise APIError(400, "only n = 1 is supported", param="n")
+
+    def _max_tokens(self, asked: int) -> int:
+        if asked > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens {asked} is over this server's limit of {self.limits.max_tokens}",
+                           param="max_tokens")
+        return asked
+
+    def _tokens_of(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self._check_prompt(self.tokenizer(prompt)["input_ids"])
+        vocab = self.engine.lm.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt")
+        return self._check_prompt(list(prompt))
+
+    def _check_prompt(self, tokens: list[int]) -> list[int]:
+        if not tokens:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(tokens) > self.limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(tokens)} tokens; this server takes at most "
+                                f"{self.limits.max_prompt_tokens}", code="context_length_exceeded", param="prompt")
+        return tokens
+
+    @staticmethod
+    def _sampling(body: _Common, max_tokens: int, top_logprobs: int | None, echo: bool) -> Sampling:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                        stop=tuple(stop), top_logprobs=top_logprobs, echo_logprobs=echo)
+
+    # ---- running requests ----
+
+    def _submit(self, prompts: list[list[int]], sampling: Sampling) -> tuple[list[Request], asyncio.Queue]:
+        loop, reports = asyncio.get_running_loop(), asyncio.Queue()
+        requests = []
+        for i, prompt in enumerate(prompts):
+            def report(r: Report, i: int = i) -> None:
+                loop.call_soon_threadsafe(reports.put_nowait, (i, r))
+            requests.append(Request(prompt, sampling, report))
+        try:
+            for request in requests:
+                self.engine.submit(request)
+        except QueueFull as e:
+            for request in requests:
+                request.cancel()
+            raise APIError(429, f"the server is busy ({e}); retry later", "rate_limit_error") from None
+        return requests, reports
+
+    async def _reports(self, request: HTTPRequest, requests: list[Request],
+                       reports: asyncio.Queue) -> AsyncIterator[tuple[int, Report]]:
+        """Reports as they come, until every request finished; cancels them on timeout or a vanished client."""
+        deadline = time.monotonic() + self.limits.timeout
+        open_ = set(range(len(requests)))
+        try:
+            while open_:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise APIError(504, f"the request took over {self.limits.timeout:g} s", "timeout_error")
+                try:
+                    i, report = await asyncio.wait_for(reports.get(), timeout=min(left, 1.0))
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if report.finish_reason == "error":
+                    raise APIError(500, f"decoding failed: {report.error}", "server_error")
+                if report.finish_reason:
+                    open_.discard(i)
+                yield i, report
+        finally:
+            for r in requests:
+                r.cancel()  # no-op for finished ones; frees the batch row of the others
+
+    async def _run(self, request: HTTPRequest, prompts: list[list[int]], sampling: Sampling) -> list[list[Report]]:
+        requests, queue_ = self._submit(prompts, sampling)
+        results: list[list[Report]] = [[] for _ in prompts]
+        async for i, report in self._reports(request, requests, queue_):
+            results[i].append(report)
+        if any(not r or not r[-1].finish_reason for r in results):
+            raise APIError(499, "the client went away")
+        return results
+
+    def _stream(self, request: HTTPRequest, prompts: list[list[int]], sampling: Sampling, chunk_of: Any,
+                head: dict, body: _Common, first: dict | None = None) -> StreamingResponse:
+        requests, queue_ = self._submit(prompts, sampling)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[str]:
+            counts = [0] * len(prompts)
+            if first is not None:
+                yield _sse(first)
+            try:
+                async for i, report in self._reports(request, requests, queue_):
+                    counts[i] += report.new_tokens
+                    if report.text or report.finish_reason or report.tokens:
+                        yield _sse(chunk_of(i, report))
+            except APIError as e:  # headers are sent: the error travels as an event
+                yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                return
+            if include_usage:
+                prompt_tokens = sum(len(p) for p in prompts)
+                yield _sse({**head, "choices": [], "usage": {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                    "total_tokens": prompt_tokens + sum(counts)}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # ---- log-probs in OpenAI's two formats ----
+
+    def _piece(self, body: _Common, token: int) -> str:
+        return f"token_id:{token}" if body.return_tokens_as_token_ids else self.tokenizer.decode([token])
+
+    def _completion_logprobs(self, body: _Common, tokens: list[TokenInfo], prompt: list[int] | None = None,
+                             prompt_infos: list[TokenInfo | None] | None = None) -> dict:
+        pieces, lps, tops = [], [], []
+        if prompt is not None and prompt_infos is not None:
+            for token, info in zip(prompt, prompt_infos):
+                pieces.append(self._piece(body, token))
+                lps.append(None if info is None else info.logprob)
+                tops.append(None if info is None else {self._piece(body, t): lp for t, lp in info.top})
+        for info in tokens:
+            pieces.append(self._piece(body, info.id))
+            lps.append(info.logprob)
+            tops.append({self._piece(body, t): lp for t, lp in info.top})
+        offsets, at = [], 0
+        for piece in pieces:
+            offsets.append(at)
+            at += len(piece)
+        return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _chat_logprobs(self, body: _Common, tokens: list[TokenInfo]) -> dict:
+        def entry(token: int, lp: float) -> dict:
+            piece = self._piece(body, token)
+            return {"token": piece, "logprob": lp, "bytes": list(self.tokenizer.decode([token]).encode("utf-8"))}
+        return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in tokens]}
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def _content(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+        raise APIError(400, "only text message parts are supported", param="messages")
+    return "".join(part["text"] for part in content)
+
+
+def _reason(report: Report) -> str | None:
+    return report.finish_reason if report.finish_reason in ("stop", "length") else None
+
+
+def _usage(prompts: list[list[int]], results: list[list[Report]]) -> dict[str, int]:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(r.new_tokens for reports in results for r in reports)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _api_error(request: HTTPRequest, exc: Exception) -> Response:
+    return exc.response()  # type: ignore[attr-defined]
+
+
+async def _not_found(request: HTTPRequest, exc: Exception) -> Response:
+    return APIError(404, f"no route {request.url.path}", code="not_found").response()
+
+
+async def _not_allowed(request: HTTPRequest, exc: Exception) -> Response:
+    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
+
+
+async def _internal(request: HTTPRequest, exc: Exception) -> Response:
+    log.exception("internal error on %s", request.url.path)
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()

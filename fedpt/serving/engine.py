@@ -1,0 +1,272 @@
+"""Continuous batching: one thread owns the model and decodes every running request in one batch.
+
+A request joins the running batch at the next step (its prompt is read on its own, then its decoding state is
+joined to the batch's: LanguageModel.join) and leaves as soon as it is done - a stop token or text, its token
+budget, or its client gone (LanguageModel.select) - so nobody waits for the longest request of a batch.
+The engine knows nothing of HTTP: it reports to each request through a callback (fedpt/serving/api.py turns
+the reports into OpenAI responses).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedpt.data import pad_id
+from fedpt.decoding import choose
+from fedpt.errors import first_line
+from fedpt.models import LanguageModel, pad_left
+from fedpt.proxy.fusion import fill_tail
+
+log = logging.getLogger("fedpt.serve")
+
+
+class QueueFull(Exception):
+    """More requests wait than the engine's queue holds."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no log-probs; n: the chosen token's and the n most likely ones'
+    echo_logprobs: bool = False  # also report the prompt's own log-probs (scoring)
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this position, best first
+
+
+@dataclass
+class Report:
+    """What a request learns after a step: new text, the tokens behind it, and, at the end, why it stopped."""
+
+    text: str = ""
+    new_tokens: int = 0  # tokens generated since the last report
+    tokens: list[TokenInfo] = field(default_factory=list)  # their log-probs, when asked for
+    prompt: list[TokenInfo | None] | None = None  # with echo_logprobs: one per prompt token, None for the first
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: Sampling
+    report: Callable[[Report], None]  # called from the engine's thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the generated text already reported
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    """Decodes the requests it is given, up to `max_batch` at a time, with at most `max_queue` more waiting."""
+
+    def __init__(self, lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, max_length: int = 4096):
+        self.lm, self.max_batch, self.max_length = lm, max_batch, max_length  # max_length: prompt + generated
+        self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._running: list[Request] = []
+        self._state: Any = None
+        self._logprobs: Tensor | None = None  # next-token log-probs of the running rows: (B, V)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedpt-engine", daemon=True)
+        self.steps = 0  # decoding steps run, and rows decoded over them: their ratio is the mean batch width
+        self.rows_decoded = 0
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises QueueFull when the queue is full (the server answers 429)."""
+        if self._stop.is_set():
+            raise QueueFull("the server is shutting down")
+        try:
+            self._waiting.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"{self._waiting.maxsize} requests are already waiting") from None
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"running": len(self._running), "waiting": self._waiting.qsize()}
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as e:  # a failing model call ends the requests it served, never the engine
+                log.exception("decoding failed")
+                for request in self._running:
+                    request.report(Report(finish_reason="error", error=first_line(e)))
+                self._running, self._state, self._logprobs = [], None, None
+
+    def _admit(self) -> None:
+        """Read the prompts of waiting requests (blocking while nothing runs) and join them to the batch."""
+        new: list[Request] = []
+        while len(self._running) + len(new) < self.max_batch:
+            try:
+                block = not self._running and not new
+                request = self._waiting.get(timeout=0.1) if block else self._waiting.get_nowait()
+            except queue.Empty:
+                if self._running or new or self._stop.is_set():
+                    break
+                continue
+            if request.cancelled.is_set():
+                request.report(Report(finish_reason="cancelled"))
+                continue
+            try:
+                self._open(request)
+            except Exception as e:  # this request's prompt failed: the others go on
+                request.report(Report(finish_reason="error", error=first_line(e)))
+                continue
+            if request.sampling.max_tokens > 0:
+                new.append(request)
+            else:
+                request.report(Report(finish_reason="length"))
+        if not new:
+            return
+        ids, mask = pad_left([r.prompt for r in new], pad_id(self.lm.tokenizer))
+        logprobs, state = self.lm.start(ids, mask)
+        if self._state is None:
+            self._state, self._logprobs = state, logprobs
+        else:
+            self._state = self.lm.join(self._state, state)
+            self._logprobs = torch.cat([self._logprobs, logprobs])
+        self._running += new
+
+    def _open(self, request: Request) -> None:
+        sampling = request.sampling
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
+            request.generator = torch.Generator().manual_seed(seed)
+        if sampling.echo_logprobs:
+            request.report(Report(prompt=self._prompt_logprobs(request)))
+
+    def _prompt_logprobs(self, request: Request) -> list[TokenInfo | None]:
+        """Each prompt token's log-prob given the tokens before it (scored like fedpt/scoring.py: a top-k model's
+        unreported tokens share its leftover mass)."""
+        prompt = request.prompt
+        if len(prompt) < 2:
+            return [None] * len(prompt)
+        ids, mask = pad_left([prompt], pad_id(self.lm.tokenizer))
+        logprobs = fill_tail(self.lm.logprobs(ids, mask, last=len(prompt)))[0, :-1]  # (T - 1, V): row j predicts j+1
+        top_n = request.sampling.top_logprobs or 0
+        return [None, *(_info(lp, token, top_n) for lp, token in zip(logprobs, prompt[1:]))]
+
+    def _step(self) -> None:
+        rows = self._running
+        tokens = [self._choose(r, lp) for r, lp in zip(rows, self._logprobs)]
+        keep = []
+        for i, (request, token) in enumerate(zip(rows, tokens)):
+            report = self._advance(request, token, self._logprobs[i])
+            if report.text or report.tokens or report.finish_reason:
+                request.report(report)
+            if report.finish_reason is None:
+                keep.append(i)
+        self.steps, self.rows_decoded = self.steps + 1, self.rows_decoded + len(rows)
+        if not keep:
+            self._running, self._state, self._logprobs = [], None, None
+            return
+        if len(keep) < len(rows):
+            self._state = self.lm.select(self._state, keep)
+            self._running = [rows[i] for i in keep]
+        self._logprobs = self.lm.step(self._state, torch.tensor([tokens[i] for i in keep]))
+
+    @staticmethod
+    def _choose(request: Request, logprobs: Tensor) -> int:
+        s = request.sampling
+        if s.temperature == 0:
+            return int(logprobs.argmax())
+        return int(choose(logprobs[None], s.temperature, s.top_p, request.generator)[0])
+
+    def _advance(self, request: Request, token: int, logprobs: Tensor) -> Report:
+        """Take one token into a request: its new text (held back while it may still become a stop string)."""
+        if request.cancelled.is_set():
+            return Report(finish_reason="cancelled")
+        if token in self.lm.eos_token_ids:
+            return Report(text=self._text(request)[request.sent:], finish_reason="stop")
+        sampling = request.sampling
+        request.generated.append(token)
+        info = [_info(logprobs, token, sampling.top_logprobs)] if sampling.top_logprobs is not None else []
+        text = self._text(request)
+        cut = min((i for i in (text.find(s, max(0, request.sent - len(s))) for s in sampling.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            return self._flush(request, text[:cut], info, "stop")
+        if len(request.generated) >= sampling.max_tokens:
+            return self._flush(request, text, info, "length")
+        if len(request.prompt) + len(request.generated) >= self.max_length:
+            return self._flush(request, text, info, "length")
+        # hold back a tail that may still grow into a stop string, and an unfinished multi-byte character
+        safe = len(text) - max((_overlap(text, s) for s in sampling.stop), default=0)
+        if text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        return self._flush(request, text[:max(safe, request.sent)], info, None)
+
+    def _text(self, request: Request) -> str:
+        return self.lm.tokenizer.decode(request.generated, skip_special_tokens=True)
+
+    @staticmethod
+    def _flush(request: Request, text: str, info: list[TokenInfo], reason: str | None) -> Report:
+        new = text[request.sent:]
+        request.sent = max(request.sent, len(text))
+        return Report(text=new, new_tokens=1, tokens=info, finish_reason=reason)
+
+
+def _info(logprobs: Tensor, token: int, top_n: int | None) -> TokenInfo:
+    lp = float(logprobs[token])
+    top: list[tuple[int, float]] = []
+    if top_n:
+        values, ids = logprobs.topk(top_n)
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return TokenInfo(token, lp if math.isfinite(lp) else -9999.0, top)
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def run_all(engine: Engine, prompts: Sequence[list[int]], sampling: Sampling) -> list[str]:
+    """Decode prompts through a running engine and wait for all of them (for tests and benchmarks)."""
+    texts, done = [""] * len(prompts), threading.Semaphore(0)
+
+    def reporter(i: int) -> Callable[[Report], None]:
+        def report(r: Report) -> None:
+            texts[i] += r.text
+            if r.finish_reason:
+                done.release()
+        return report
+
+    for i, prompt in enumerate(prompts):
+        engine.submit(Request(list(prompt), sampling, reporter(i)))
+    for _ in prompts:
+        done.acquire()
+    return texts

@@ -1,0 +1,256 @@
+"""The OpenAI-compatible server, driven by the real `openai` client: what it answers equals what fedpt computes
+in process, and bad requests get OpenAI-style errors with their status codes."""
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from fedpt.data import Example, encode_example
+from fedpt.decoding import GenerationConfig, generate
+from fedpt.models import HFCausalLM, LanguageModel
+from fedpt.models.remote import Endpoint, RemoteLM
+from fedpt.proxy import AdapterPair, ProxyTunedLM
+from fedpt.scoring import response_logprobs
+from fedpt.serving import Limits, running
+
+PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "hello", "write a python function",
+           "good morning to you my friend", "a machine", "why did the chicken cross the road", "def add(a, b)"]
+KEY_ENV = "FEDPT_TEST_SERVER_KEY"
+
+
+@pytest.fixture(scope="module")
+def proxy(tiny, lora):
+    return ProxyTunedLM(HFCausalLM.load(tiny["large"], dtype="float32"), AdapterPair(*lora()), alpha=1.0)
+
+
+@pytest.fixture(scope="module")
+def served(proxy):
+    """(client, url) of the proxy served with an API key."""
+    os.environ[KEY_ENV] = "s3cret-key"
+    try:
+        with running(proxy, name="tiny-proxy", api_key_env=KEY_ENV,
+                     limits=Limits(max_prompt_tokens=64, max_tokens=64, max_body_bytes=20_000)) as url:
+            yield openai.OpenAI(base_url=url, api_key="s3cret-key", max_retries=0), url
+    finally:
+        del os.environ[KEY_ENV]
+
+
+def local(lm, prompt: str, tokens: int, chat: bool) -> str:
+    return generate(lm, [prompt], GenerationConfig(max_new_tokens=tokens, chat=chat))[0]
+
+
+def test_models_lists_the_served_name(served):
+    client, _ = served
+    assert [m.id for m in client.models.list().data] == ["tiny-proxy"]
+
+
+def test_completion_and_chat_equal_fedpt_generate(served, proxy):
+    client, _ = served
+    completion = client.completions.create(model="tiny-proxy", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert completion.choices[0].text == local(proxy, PROMPTS[1], 8, chat=False)
+    assert completion.usage.completion_tokens <= 8 and completion.usage.prompt_tokens > 0
+    chat = client.chat.completions.create(model="tiny-proxy", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == local(proxy, PROMPTS[0], 8, chat=True)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streams_add_up_to_the_whole_answer(served):
+    client, _ = served
+    whole = client.chat.completions.create(model="tiny-proxy", messages=[{"role": "user", "content": PROMPTS[2]}],
+                                           max_tokens=10, temperature=0).choices[0].message.content
+    chunks = list(client.chat.completions.create(model="tiny-proxy", max_tokens=10, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": PROMPTS[2]}],
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-proxy", prompt=PROMPTS[3], max_tokens=10, temperature=0, stream=True))
+    assert text == client.completions.create(model="tiny-proxy", prompt=PROMPTS[3], max_tokens=10,
+                                             temperature=0).choices[0].text
+
+
+def test_logprobs_are_the_models_own(served, proxy):
+    client, _ = served
+    reply = client.completions.create(model="tiny-proxy", prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=3)
+    lp = reply.choices[0].logprobs
+    assert "".join(lp.tokens) == reply.choices[0].text
+    ids = proxy.tokenizer(PROMPTS[0])["input_ids"]
+    expected, _ = proxy.start(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    assert lp.token_logprobs[0] == pytest.approx(float(expected[0].max()), abs=1e-4)
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0], abs=1e-6)  # greedy: the best
+    assert len(lp.top_logprobs[0]) <= 3
+    chat = client.chat.completions.create(model="tiny-proxy", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6
+                           for t in content)
+
+
+def test_echo_scores_the_prompt_as_fedpt_scoring_does(served, proxy):
+    client, _ = served
+    example = Example("what is your name", "my name is fedpt")
+    ids, labels = encode_example(proxy.tokenizer, example, max_length=64, chat=False)
+    reply = client.completions.create(model="tiny-proxy", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    echoed = reply.choices[0].logprobs.token_logprobs
+    assert echoed[0] is None and len(echoed) == len(ids)
+    [ours] = response_logprobs(proxy, [example], max_length=64, chat=False)
+    answer = sum(label != -100 for label in labels)
+    torch.testing.assert_close(torch.tensor(echoed[-answer:]), ours.float(), atol=1e-4, rtol=0)
+    assert reply.choices[0].text == proxy.tokenizer.decode(ids)
+
+
+def test_eight_concurrent_streams_equal_one_at_a_time(served):
+    client, _ = served
+
+    def stream(prompt: str) -> str:
+        chunks = client.chat.completions.create(model="tiny-proxy", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=12, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    alone = [stream(p) for p in PROMPTS]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(stream, PROMPTS))
+    assert together == alone and any(alone)
+
+
+def test_a_fedpt_server_is_the_black_box_of_another(served, proxy):
+    _, url = served
+    os.environ[KEY_ENV] = "s3cret-key"
+    remote = RemoteLM(Endpoint(url, api_key_env=KEY_ENV, top_k=20), proxy.tokenizer)
+    assert remote.token_prompts
+    assert generate(remote, PROMPTS[:3], GenerationConfig(max_new_tokens=6)) == \
+        generate(proxy, PROMPTS[:3], GenerationConfig(max_new_tokens=6))
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "hi", "temperature": float("nan")}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "hi", "max_tokens": -1}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "hi", "max_tokens": 10_000}).encode(), 400, "limit"),
+    (json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n = 1"),
+    (json.dumps({"prompt": "hello " * 200}).encode(), 400, "at most 64"),
+    (json.dumps({"prompt": ""}).encode(), 400, "empty"),
+    (json.dumps({"prompt": [10**9]}).encode(), 400, "token ids"),
+    (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "does not exist"),
+    (json.dumps({"prompt": "x" * 30_000}).encode(), 413, "bytes"),
+])
+def test_bad_requests_get_openai_errors(served, body, status, words):
+    _, url = served
+    reply = httpx.post(f"{url}/completions", content=body, headers={"Authorization": "Bearer s3cret-key"})
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert words in error["message"] and "Traceback" not in reply.text
+    assert httpx.get(f"{url.removesuffix('/v1')}/health").json()["status"] == "ok"  # still serving
+
+
+def test_the_api_key_is_enforced(served):
+    _, url = served
+    for key in ("wrong", ""):
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key=key or "-", max_retries=0).models.list()
+    assert httpx.get(f"{url}/models").status_code == 401
+    assert "s3cret" not in httpx.get(f"{url}/models").text
+
+
+def test_unknown_routes_and_methods(served):
+    _, url = served
+    assert httpx.get(f"{url}/nothing").json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{url}/completions").status_code == 405
+
+
+class SlowLM(LanguageModel):
+    """A model that never ends a row by itself and takes a while per step: requests that stay running."""
+
+    def __init__(self, lm: LanguageModel, delay: float):
+        self.lm, self.delay = lm, delay
+        self.name, self.tokenizer, self.vocab_size, self.eos_token_ids = lm.name, lm.tokenizer, lm.vocab_size, set()
+
+    def start(self, ids, mask):
+        return self.lm.start(ids, mask)
+
+    def step(self, state, tokens):
+        time.sleep(self.delay)
+        return self.lm.step(state, tokens)
+
+    def logprobs(self, ids, mask, last):
+        return self.lm.logprobs(ids, mask, last)
+
+    def select(self, state, rows):
+        return self.lm.select(state, rows)
+
+    def join(self, state, other):
+        return self.lm.join(state, other)
+
+
+def test_a_full_queue_answers_429_a_slow_request_504_and_a_gone_client_frees_its_row(proxy):
+    slow = SlowLM(proxy.large, delay=0.05)
+    with running(slow, max_batch=1, max_queue=1, limits=Limits(max_tokens=1000, timeout=2.0)) as url:
+        health = f"{url.removesuffix('/v1')}/health"
+
+        def wait_for(key, value):
+            for _ in range(200):
+                if httpx.get(health).json()[key] == value:
+                    return
+                time.sleep(0.05)
+            raise AssertionError(f"{key} never reached {value}")
+
+        body = {"prompt": "hello", "max_tokens": 1000}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/completions", json=body, timeout=30)
+            wait_for("running", 1)
+            second = pool.submit(httpx.post, f"{url}/completions", json=body, timeout=30)
+            wait_for("waiting", 1)
+            refused = httpx.post(f"{url}/completions", json=body)
+            assert refused.status_code == 429 and "busy" in refused.json()["error"]["message"]
+            assert first.result().status_code == 504  # 1000 tokens take over the 2 s limit
+            assert second.result().status_code == 504
+        wait_for("running", 0)  # the timed-out rows left the batch
+
+        # a streaming client that goes away: its row leaves the batch
+        with httpx.stream("POST", f"{url}/completions", json={**body, "stream": True}) as reply:
+            next(reply.iter_lines())
+        wait_for("running", 0)
+
+
+def test_the_serve_command_answers_curl_style_requests_and_stops_on_interrupt(tiny, tiny_adapter, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", "from fedpt.cli import main; main()", "serve", "--large", str(tiny["large"]),
+               "--small", str(tiny["small"]), "--adapter", str(tiny_adapter), "--weight", "0.5",
+               "--port", str(port), "--name", "tiny", "--require-key-env", KEY_ENV, "--dtype", "float32"]
+    server = subprocess.Popen(command, env={**os.environ, KEY_ENV: "k3y"}, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                httpx.get(f"{url}/health")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        reply = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": "Bearer k3y"},
+                           json={"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+                                 "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode in (0, 130)
+    assert "k3y" not in err and "Traceback" not in err
+    assert "serving proxy(" in err and "w=0.5" in err

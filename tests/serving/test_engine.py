@@ -1,0 +1,124 @@
+"""Continuous batching: rows that join and leave a running batch decode exactly as they would alone."""
+
+import threading
+
+import pytest
+import torch
+
+from fedpt.data import encode_prompt
+from fedpt.decoding import GenerationConfig, generate_tokens
+from fedpt.models import HFCausalLM, pad_left
+from fedpt.proxy import AdapterPair, ProxyTunedLM
+from fedpt.serving.engine import Engine, QueueFull, Report, Request, Sampling, run_all
+
+PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "hello", "write a python function",
+           "good morning to you my friend", "a machine", "why did the chicken cross the road", "def add(a, b)"]
+
+
+@pytest.fixture(scope="module")
+def proxy(tiny, lora):
+    large = HFCausalLM.load(tiny["large"], dtype="float32")
+    return ProxyTunedLM(large, AdapterPair(*lora()), alpha=1.0)
+
+
+def alone(lm, prompt: list[int], tokens: int) -> list[int]:
+    return generate_tokens(lm, [prompt], GenerationConfig(max_new_tokens=tokens), torch.Generator())[0]
+
+
+@pytest.mark.parametrize("which", ["large", "proxy"])
+def test_rows_joining_and_leaving_a_batch_decode_as_alone(tiny, proxy, which):
+    lm = proxy if which == "proxy" else proxy.large
+    prompts = [encode_prompt(lm.tokenizer, p) for p in PROMPTS[:3]]
+    expected = [alone(lm, p, 6) for p in prompts]
+    # row 0 starts alone; row 1 (longer prompt) joins after 2 steps; row 0 leaves after 4; row 2 joins then
+    logprobs, state = lm.start(*pad_left([prompts[0]], lm.tokenizer.pad_token_id))
+    got: list[list[int]] = [[], [], []]
+    rows = [0]
+    for step in range(20):
+        if step == 2:
+            lp, st = lm.start(*pad_left([prompts[1]], lm.tokenizer.pad_token_id))
+            state, logprobs, rows = lm.join(state, st), torch.cat([logprobs, lp]), rows + [1]
+        if step == 5:
+            lp, st = lm.start(*pad_left([prompts[2]], lm.tokenizer.pad_token_id))
+            state, logprobs, rows = lm.join(state, st), torch.cat([logprobs, lp]), rows + [2]
+        tokens = logprobs.argmax(-1)
+        for r, t in zip(rows, tokens.tolist()):
+            got[r].append(t)
+        keep = [i for i, r in enumerate(rows) if len(got[r]) < 6]
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            state, rows = lm.select(state, keep), [rows[i] for i in keep]
+        logprobs = lm.step(state, tokens[keep])
+    # generate_tokens drops an end token and stops there: compare up to it
+    assert [g[: len(e)] for g, e in zip(got, expected)] == expected
+
+
+def test_concurrent_requests_equal_one_at_a_time(proxy):
+    prompts = [encode_prompt(proxy.tokenizer, p) for p in PROMPTS]
+    sampling = Sampling(max_tokens=8, temperature=0.0)
+    one = Engine(proxy, max_batch=1).start()
+    try:
+        sequential = [run_all(one, [p], sampling)[0] for p in prompts]
+    finally:
+        one.close()
+    batched = Engine(proxy, max_batch=8).start()
+    try:
+        together = run_all(batched, prompts, sampling)
+    finally:
+        batched.close()
+    assert together == sequential
+    assert any(sequential)
+    assert batched.rows_decoded / batched.steps > 2  # the requests really shared steps
+
+
+def test_a_stop_string_ends_the_text_before_it(proxy):
+    prompt = encode_prompt(proxy.tokenizer, PROMPTS[1])
+    engine = Engine(proxy).start()
+    try:
+        [full] = run_all(engine, [prompt], Sampling(max_tokens=12))
+        stop = full[3:5]
+        [cut] = run_all(engine, [prompt], Sampling(max_tokens=12, stop=(stop,)))
+    finally:
+        engine.close()
+    assert stop and cut == full[: full.find(stop)]
+
+
+def test_sampling_is_reproducible_from_a_seed(proxy):
+    prompt = encode_prompt(proxy.tokenizer, PROMPTS[0])
+    engine = Engine(proxy).start()
+    try:
+        runs = [run_all(engine, [prompt, prompt], Sampling(max_tokens=10, temperature=1.0, seed=s))
+                for s in (1, 1, 2)]
+    finally:
+        engine.close()
+    assert runs[0] == runs[1] and runs[0][0] == runs[0][1]
+    assert runs[0] != runs[2]
+
+
+def test_a_cancelled_request_leaves_the_batch(proxy):
+    prompt = encode_prompt(proxy.tokenizer, PROMPTS[0])
+    seen, finished = [], threading.Event()
+
+    def report(r: Report) -> None:
+        seen.append(r)
+        if r.finish_reason:
+            finished.set()
+
+    engine = Engine(proxy).start()
+    try:
+        request = Request(prompt, Sampling(max_tokens=400), report)
+        engine.submit(request)
+        request.cancel()
+        assert finished.wait(30)
+        assert seen[-1].finish_reason == "cancelled"
+        assert sum(r.new_tokens for r in seen) < 400
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_refuses(proxy):
+    engine = Engine(proxy, max_queue=1)  # not started: nothing leaves the queue
+    engine.submit(Request([1, 2], Sampling(), lambda r: None))
+    with pytest.raises(QueueFull):
+        engine.submit(Request([1, 2], Sampling(), lambda r: None))
