@@ -65,8 +65,12 @@ def read_prompts(path: Path) -> list[str]:
     """One prompt per line of a text file, or the `prompt` field of each line of a .jsonl file."""
     if not path.is_file():
         raise FedptError(f"prompts file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FedptError(f"prompts file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":

@@ -18,7 +18,7 @@ from typing import Any
 
 from fedpt.errors import FedptError
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONS = ("natural", "iid", "dirichlet")
 
 
@@ -62,6 +62,13 @@ class FederationConfig:
     eval_examples: int = 64  # held-out pairs the server scores after each round; 0 scores all
     client_cpus: int = 2  # CPUs per simulated client: with 2 on a 2-core machine, one client trains at a time
     timeout: float = 3600.0  # seconds the server waits for a round's replies
+    trim_beta: float = 0.2  # FedTrimmedAvg: the share of values cut at each end, per coordinate
+    malicious_clients: int = 0  # Krum, MultiKrum, Bulyan: how many clients per round may be malicious
+    multikrum_select: int = 2  # MultiKrum: updates averaged
+    min_clients: int = 1  # accepted updates a round needs; with fewer, the round fails and the global model stays
+    max_norm_ratio: float = 10.0  # reject an update that moves the model over this many times the round's median
+    #                               move (the lower median); 0 turns the check off
+    max_update_norm: float = 0.0  # reject an update that moves the model farther than this (L2); 0: no bound
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -74,6 +81,19 @@ class FederationConfig:
             raise FedptError(f"federation.fraction must be in (0, 1], got {self.fraction}")
         if (self.strategy == "fedprox") != (self.proximal_mu > 0):
             raise FedptError("federation.proximal_mu > 0 goes with strategy = 'fedprox', and only with it")
+        if not 1 <= self.min_clients <= self.clients_per_round():
+            raise FedptError(f"federation.min_clients must lie in 1..{self.clients_per_round()} (the clients of a "
+                             f"round), got {self.min_clients}")
+        if not (self.max_norm_ratio == 0 or self.max_norm_ratio >= 1) or self.max_update_norm < 0:
+            raise FedptError("federation.max_norm_ratio must be 0 (off) or at least 1, and max_update_norm >= 0")
+        if not 0 <= self.trim_beta < 0.5:
+            raise FedptError(f"federation.trim_beta must lie in [0, 0.5), got {self.trim_beta}")
+        # Krum needs n > 2f + 2 updates, Bulyan n >= 4f + 3 (Blanchard et al. 2017; El Mhamdi et al. 2018)
+        need = {"krum": 2 * self.malicious_clients + 3, "multikrum": 2 * self.malicious_clients + 3,
+                "bulyan": 4 * self.malicious_clients + 3}.get(self.strategy, 1)
+        if self.clients_per_round() < need:
+            raise FedptError(f"strategy '{self.strategy}' with {self.malicious_clients} malicious client(s) needs at "
+                             f"least {need} clients per round, the run has {self.clients_per_round()}")
 
     def clients_per_round(self) -> int:
         return max(1, round(self.fraction * self.clients))

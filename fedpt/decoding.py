@@ -28,8 +28,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise FedptError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise FedptError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise FedptError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise FedptError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
@@ -67,6 +67,9 @@ def generate_each(
     with task(progress, f"generating with {lm.name}", len(prompts)) as advance:
         for start in range(0, len(prompts), config.batch_size):
             chunk = [encode_prompt(lm.tokenizer, p, config.chat) for p in prompts[start : start + config.batch_size]]
+            empty = next((start + i for i, ids in enumerate(chunk) if not ids), None)
+            if empty is not None:
+                raise FedptError(f"prompt {empty + 1} is empty: nothing to continue")
             for tokens in generate_tokens(lm, chunk, config, generator):
                 yield truncate_at_stop(lm.tokenizer.decode(tokens, skip_special_tokens=True), config.stop)
             advance(len(chunk))

@@ -41,6 +41,8 @@ def test_prompts_file_gives_jsonl(cli, tiny, tmp_path, suffix):
         (["--prompt", "x", "--dtype", "int3"], "Invalid value for '--dtype': 'int3' is not one of 'bfloat16'"),
         (["--prompt", "x", "--top-p", "many"], "Invalid value for '--top-p': 'many' is not a valid float"),
         (["--prompt", "x", "--alpha", "2"], "--alpha, --weight and --dynamic steer with a small pair"),
+        (["--prompt", "x", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["--prompt", "", "--raw"], "prompt 1 is empty"),
         (["--prompt", "x", "--small", "S", "--adapter", "A", "--alpha", "nan"], "must be finite numbers"),
         (["--prompt", "x", "--small", "S", "--adapter", "A", "--weight", "2"], "must lie in [0, 1]"),
         (["--prompt", "x", "--experiment", "/no/such/experiment"], "has no results.json"),
@@ -50,6 +52,13 @@ def test_errors_are_one_line(cli, tiny, args, message):
     code, _, err = cli("generate", "--large", tiny["large"], *args)
     assert code == 2
     assert err.startswith("fedpt: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_prompts_file_that_is_not_utf8(cli, tiny, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9\n".encode("latin-1"))
+    code, _, err = cli("generate", "--large", tiny["large"], "--prompts-file", path)
+    assert code == 2 and "is not UTF-8 text" in err and err.count("\n") == 1
 
 
 def test_missing_model_folder(cli):

@@ -7,6 +7,7 @@
     metrics.jsonl    one JSON row per round (0 = before training): the held-out loss of the global model, each
                      client's metrics, rejected updates, distillation stats
     final/           a copy of the last round's model folder without the bookkeeping
+    server.log       warnings with their whole text (clients' tracebacks), where a one-line message points
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ METRICS = "metrics.jsonl"
 STATE = "state.npz"  # exact global weights of a round, for resuming
 SERVER_STATE = "server-state.npz"  # the strategy's state (the server optimiser's moments)
 DONE = "round.json"
+LOG = "server.log"
 
 
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:

@@ -3,33 +3,52 @@ which clients train in a round, and the strategy's own state across a resume."""
 
 from __future__ import annotations
 
+import math
 import random
+import re
+import statistics
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedpt.config import FederationConfig
+from fedpt.errors import first_line
 
 
 def build_strategy(federation: FederationConfig) -> Any:
     """The Flower strategy; every node gets the train message, fedpt picks which nodes get one."""
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+    from flwr.serverapp import strategy as flower
 
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1, "min_available_nodes": 1}
-    if federation.strategy == "fedavg":
-        return FedAvg(**common)
-    if federation.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=federation.proximal_mu)
+    f = federation.malicious_clients
+    match federation.strategy:
+        case "fedavg":
+            return flower.FedAvg(**common)
+        case "fedprox":
+            return flower.FedProx(**common, proximal_mu=federation.proximal_mu)
+        case "fedmedian":
+            return flower.FedMedian(**common)
+        case "fedtrimmedavg":
+            return flower.FedTrimmedAvg(**common, beta=federation.trim_beta)
+        case "krum":
+            return flower.Krum(**common, num_malicious_nodes=f)
+        case "multikrum":
+            return flower.MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=federation.multikrum_select)
+        case "bulyan":
+            return flower.Bulyan(**common, num_malicious_nodes=f)
     optimiser = {"eta": federation.server_lr, "beta_1": federation.beta_1, "beta_2": federation.beta_2,
                  "tau": federation.tau}
-    return (FedAdam if federation.strategy == "fedadam" else FedYogi)(**common, **optimiser)
+    return (flower.FedAdam if federation.strategy == "fedadam" else flower.FedYogi)(**common, **optimiser)
 
 
-def check_update(reply: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a client's reply cannot be aggregated, or None if it can."""
+def check_update(reply: Message, expected: dict[str, np.ndarray], max_examples: float = math.inf) -> str | None:
+    """Why a client's reply cannot be aggregated, or None if it can.
+
+    `expected` holds the global weights (their keys, shapes and dtypes); `max_examples` is how many examples the
+    client's partition holds, as the node said when asked at the start."""
     if reply.has_error():
-        return f"client failed: {reply.error.reason}"
+        return f"client failed: {client_error(reply.error.reason)}"
     content = reply.content
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return "reply lacks 'arrays' or 'metrics'"
@@ -42,17 +61,60 @@ def check_update(reply: Message, expected: dict[str, tuple[int, ...]]) -> str | 
     if missing:
         return f"missing weight(s) {sorted(missing)[:3]}"
     for key, array in arrays.items():
-        value = array.numpy()
-        if tuple(value.shape) != expected[key]:
-            return f"weight {key} has shape {tuple(value.shape)}, expected {expected[key]}"
-        if not np.issubdtype(value.dtype, np.floating):
-            return f"weight {key} has dtype {value.dtype}, expected a float type"
+        value, want = array.numpy(), expected[key]
+        if tuple(value.shape) != want.shape:
+            return f"weight {key} has shape {tuple(value.shape)}, expected {want.shape}"
+        if value.dtype != want.dtype:
+            return f"weight {key} has dtype {value.dtype}, expected {want.dtype}"
         if not np.isfinite(value).all():
             return f"weight {key} has NaN or inf values"
     examples = content["metrics"].get("num-examples")
-    if not isinstance(examples, int | float) or examples <= 0:
-        return f"num-examples must be a positive number, got {examples!r}"
+    if isinstance(examples, bool) or not isinstance(examples, int | float) or not math.isfinite(examples) \
+            or examples <= 0:
+        return f"num-examples must be a finite positive number, got {examples!r}"
+    if examples > max_examples:
+        return f"num-examples {examples:g} is more than the {max_examples:g} examples its partition holds"
+    for key, value in content["metrics"].items():  # extra keys are fine (they are not aggregated); odd values not
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return f"metric {key!r} is not a finite number"
     return None
+
+
+def client_error(reason: str) -> str:
+    """The one line that matters of a client's failure, which Flower and Ray wrap in class names and tracebacks."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)  # Ray colours its lines
+    if "Message: " in text:  # Flower's ClientAppException: "Exception X occurred. Message: <the error>"
+        return first_line(Exception(text.rsplit("Message: ", 1)[1].rstrip("'>")))
+    if "Traceback" in text:  # the last line of a traceback names the error
+        return [line for line in text.splitlines() if line.strip()][-1].strip().rstrip("'>")
+    return first_line(Exception(text))
+
+
+def update_norm(arrays: Any, global_state: dict[str, np.ndarray]) -> float:
+    """How far an update moves the model: the L2 norm of (client weights - global weights) over all tensors."""
+    return math.sqrt(sum(float(np.sum((arrays[k].numpy().astype(np.float64) - v) ** 2))
+                         for k, v in global_state.items()))
+
+
+def norm_outliers(norms: dict[int, float], ratio: float, bound: float) -> dict[int, str]:
+    """Clients whose update moves the model too far: beyond `bound`, or beyond `ratio` times the round's lower
+    median move (the lower median: with two clients, the smaller one, so one huge update cannot raise it)."""
+    reasons = {}
+    median = statistics.median_low(norms.values()) if norms else 0.0
+    for pid, norm in norms.items():
+        if bound and norm > bound:
+            reasons[pid] = f"update norm {norm:.3g} is over the bound {bound:g}"
+        elif ratio and median > 0 and norm > ratio * median:
+            reasons[pid] = f"update norm {norm:.3g} is over {ratio:g}x the round's median {median:.3g}"
+    return reasons
+
+
+def clean_reply(reply: Message) -> Message:
+    """What the strategy aggregates of a checked reply: its weights and example count only, so that a client's
+    extra or missing metric keys cannot make Flower refuse the whole round (InconsistentMessageReplies)."""
+    examples = reply.content["metrics"]["num-examples"]
+    content = RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord({"num-examples": examples})})
+    return Message(content, dst_node_id=reply.metadata.src_node_id, message_type=MessageType.TRAIN)
 
 
 def sample_clients(seed: int, server_round: int, clients: int, per_round: int) -> list[int]:

@@ -187,11 +187,13 @@ def load_expert(
             peft_model = PeftModel.from_pretrained(model, path)
         except Exception as e:  # peft raises many types for a foreign or broken adapter
             raise FedptError(f"cannot load adapter {path} onto {small}: {first_line(e)}") from None
+        _check_finite(peft_model, path, only="lora_")
         if int8:
             quantize_int8(peft_model)
         return AdapterPair(peft_model.eval(), tokenizer, name=f"{Path(str(small)).name}+{path.name}")
     if (path / "config.json").is_file():
         pair = [HFCausalLM.load(folder, dtype=dtype, device=device) for folder in (small, path)]
+        _check_finite(pair[1].model, path)
         if int8:
             for lm in pair:
                 quantize_int8(lm.model)
@@ -199,6 +201,14 @@ def load_expert(
     raise FedptError(
         f"adapter {path} is neither a LoRA adapter folder (adapter_config.json) nor a model folder (config.json)"
     )
+
+
+def _check_finite(model: torch.nn.Module, folder: Path, only: str = "") -> None:
+    """A diverged training leaves NaN or inf weights, which decode to empty text: refuse them."""
+    for name, p in model.named_parameters():
+        if only in name and not torch.isfinite(p).all():
+            raise FedptError(f"{folder}: weight {name} has NaN or inf values (a diverged training?); use an "
+                             "earlier round's folder")
 
 
 def load_tuned(small: str | Path, tuned: str | Path, *, dtype: str = "bfloat16", device: str = "cpu") -> LanguageModel:

@@ -57,11 +57,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_run, tmp_path):
     assert [r["round"] for r in read_metrics(tmp_path / "killed")] == [0, 1, 2, 3]
 
 
-def poisoned_client_app():
-    """The real ClientApp, except that client 1 sends NaN weights."""
+def misbehaving_client_app(behaviours: dict[int, str]):
+    """The real ClientApp, except that client `pid` misbehaves as `behaviours[pid]` says."""
     import sys
 
     import cloudpickle
+    from flwr.app import MetricRecord
     from flwr.clientapp import ClientApp
 
     from fedpt.federation import client_app
@@ -72,24 +73,55 @@ def poisoned_client_app():
 
     @app.train()
     def train(message, context):
+        behaviour = behaviours.get(int(context.node_config["partition-id"]))
+        if behaviour == "crash":
+            raise RuntimeError("this client crashed\nwith a second line")
         answer = client_app.train_round(message, context)
-        if context.node_config["partition-id"] == 1:
-            arrays = answer.content["arrays"]
-            for key in list(arrays):
-                arrays[key] = Array(np.full(arrays[key].numpy().shape, np.nan, dtype=np.float32))
+        arrays, metrics = answer.content["arrays"], dict(answer.content["metrics"])
+        for key in list(arrays):
+            value = arrays[key].numpy()
+            if behaviour == "nan":
+                arrays[key] = Array(np.full(value.shape, np.nan, dtype=np.float32))
+            if behaviour == "huge":
+                arrays[key] = Array((value + 1e4).astype(np.float32))
+        if behaviour == "nan-examples":
+            metrics["num-examples"] = float("nan")
+        if behaviour == "many-examples":
+            metrics["num-examples"] = 10**12
+        if behaviour == "extra-key":
+            metrics["note"] = [1.0, 2.0]
+        answer.content["metrics"] = MetricRecord(metrics)
         return answer
 
     return app
 
 
-def test_a_bad_client_is_rejected_and_the_round_goes_on(tiny_run, tmp_path):
-    run = tiny_run(tmp_path / "run", federation={"clients": 3, "rounds": 1, "eval_examples": 4,
-                                                                "client_cpus": 1})
-    simulate(run, client_app=poisoned_client_app())
+BEHAVIOURS = {1: "nan", 2: "huge", 3: "nan-examples", 4: "many-examples", 5: "extra-key", 6: "crash"}
+REASONS = {1: "NaN or inf", 2: "over 10x the round's median", 3: "finite positive number",
+           4: "more than the", 5: "metric 'note' is not a finite number", 6: "client failed"}
+
+
+def test_each_kind_of_bad_client_is_rejected_with_its_reason_and_the_federation_completes(tiny_run, tmp_path):
+    run = tiny_run(tmp_path / "run", federation={"clients": 8, "rounds": 1, "eval_examples": 4, "client_cpus": 1,
+                                                 "partition": "iid", "min_clients": 2})
+    final = simulate(run, client_app=misbehaving_client_app(BEHAVIOURS))
     row = read_metrics(tmp_path / "run")[1]
-    assert [c["partition-id"] for c in row["clients"]] == [0, 2]
-    assert len(row["rejected"]) == 1 and row["rejected"][0]["partition-id"] == 1
-    assert "NaN" in row["rejected"][0]["reason"]
+    assert [c["partition-id"] for c in row["clients"]] == [0, 7]
+    reasons = {r["partition-id"]: r["reason"] for r in row["rejected"]}
+    assert sorted(reasons) == sorted(BEHAVIOURS)
+    for pid, words in REASONS.items():
+        assert words in reasons[pid], (pid, reasons[pid])
+    assert "\n" not in reasons[6] and "this client crashed" in reasons[6]
+    assert "failed" not in row and np.isfinite(row["global"]["nll"]) and final.is_dir()
+
+
+def test_a_federation_whose_clients_all_fail_exits_with_the_reason(tiny_run, tmp_path):
+    run = tiny_run(tmp_path / "run", federation={"clients": 2, "rounds": 1, "eval_examples": 4, "client_cpus": 1,
+                                                 "partition": "iid"})
+    with pytest.raises(FedptError, match="no round of the federation trained .*0 update.*accepted"):
+        simulate(run, client_app=misbehaving_client_app({0: "nan", 1: "crash"}))
+    row = read_metrics(tmp_path / "run")[1]
+    assert "min_clients" in row["failed"] and not (tmp_path / "run" / "final").exists()
 
 
 def test_distillation_between_rounds(tiny_run, tmp_path):
@@ -115,3 +147,11 @@ def test_full_fine_tuning_with_distillation(tiny, tiny_run, tmp_path):
     assert len(row["clients"]) == 3 and not row["rejected"] and row["distilled"]["distill_update_norm"] > 0
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
     assert isinstance(load_expert(tiny["small"], final, dtype="float32"), SeparatePair)
+
+
+def test_a_partition_error_is_one_line(tiny_run, tmp_path):
+    run = tiny_run(tmp_path / "run", federation={"clients": 2, "rounds": 1, "eval_examples": 4, "client_cpus": 1})
+    with pytest.raises(FedptError) as error:
+        simulate(run)
+    assert str(error.value).startswith("a client could not start: natural partition: the data has 3 groups")
+    assert "\n" not in str(error.value) and "ray" not in str(error.value).lower()

@@ -8,15 +8,19 @@ from fedpt import config as cfg
 from fedpt.federation.strategy import (
     build_strategy,
     check_update,
+    clean_reply,
+    norm_outliers,
     restore_strategy_state,
     sample_clients,
     strategy_state,
+    update_norm,
 )
 
 pytestmark = pytest.mark.usefixtures("in_a_flower_task")
 
 
 KEYS = {"a": (2, 3), "b": (4,)}
+GLOBAL = {k: np.zeros(s, dtype=np.float32) for k, s in KEYS.items()}
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +32,9 @@ def in_a_flower_task(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def reply(arrays: dict, examples: int = 10, node: int = 1) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": examples})})
+def reply(arrays: dict, examples=10, node: int = 1, dtype=np.float32, **metrics) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v, dtype=dtype)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": examples, **metrics})})
     message = Message(content, dst_node_id=node, message_type="train")
     return Message(content, reply_to=message)
 
@@ -95,16 +99,89 @@ def test_server_optimisers_against_hand_computed_steps(name):
 
 def test_bad_updates_are_rejected_with_a_reason():
     good = {k: np.ones(s) for k, s in KEYS.items()}
-    assert check_update(reply(good), KEYS) is None
-    assert "unknown" in check_update(reply({**good, "c": np.ones(1)}), KEYS)
-    assert "missing" in check_update(reply({"a": good["a"]}), KEYS)
-    assert "shape" in check_update(reply({**good, "b": np.ones(5)}), KEYS)
-    assert "NaN or inf" in check_update(reply({**good, "a": np.full((2, 3), np.nan)}), KEYS)
-    assert "NaN or inf" in check_update(reply({**good, "b": np.array([1, np.inf, 0, 0])}), KEYS)
-    assert "num-examples" in check_update(reply(good, examples=0), KEYS)
-    failed = Message(Error(code=0, reason="out of memory"), reply_to=Message(RecordDict(), dst_node_id=1,
-                                                                                message_type="train"))
-    assert "out of memory" in check_update(failed, KEYS)
+    assert check_update(reply(good), GLOBAL, max_examples=10) is None
+    assert "unknown" in check_update(reply({**good, "c": np.ones(1)}), GLOBAL)
+    assert "missing" in check_update(reply({"a": good["a"]}), GLOBAL)
+    assert "shape" in check_update(reply({**good, "b": np.ones(5)}), GLOBAL)
+    assert "dtype float64, expected float32" in check_update(reply(good, dtype=np.float64), GLOBAL)
+    assert "NaN or inf" in check_update(reply({**good, "a": np.full((2, 3), np.nan)}), GLOBAL)
+    assert "NaN or inf" in check_update(reply({**good, "b": np.array([1, np.inf, 0, 0])}), GLOBAL)
+    for examples in (0, -3, float("nan"), float("inf")):
+        assert "finite positive number" in check_update(reply(good, examples=examples), GLOBAL)
+    # a node cannot claim more examples than its partition holds (FedAvg would follow it alone)
+    assert "more than the 40 examples" in check_update(reply(good, examples=10**12), GLOBAL, max_examples=40)
+    failed = Message(Error(code=0, reason='Traceback (most recent call last):\n  File "x.py", line 1\n'
+                                          'RuntimeError: out of memory\n'),
+                     reply_to=Message(RecordDict(), dst_node_id=1, message_type="train"))
+    assert check_update(failed, GLOBAL) == "client failed: RuntimeError: out of memory"
+
+
+def test_updates_that_move_the_model_too_far_are_rejected():
+    base = {k: np.zeros(s) for k, s in KEYS.items()}
+    moved = {k: v + 1.0 for k, v in base.items()}  # norm sqrt(10)
+    assert update_norm(reply(moved).content["arrays"], GLOBAL) == \
+        pytest.approx(np.sqrt(10))
+    norms = {0: 1.0, 1: 1.2, 2: 50.0}
+    assert set(norm_outliers(norms, ratio=10, bound=0)) == {2}
+    assert norm_outliers({0: 1.0, 1: 1e6}, ratio=10, bound=0) == {1: "update norm 1e+06 is over 10x the round's "
+                                                                     "median 1"}  # two clients: the lower median
+    assert set(norm_outliers(norms, ratio=0, bound=1.1)) == {1, 2}
+    assert norm_outliers(norms, ratio=0, bound=0) == {}
+
+
+def test_a_reply_with_extra_metric_keys_does_not_stop_aggregation():
+    clients = updates(3)
+    replies = [reply(clients[0], 1), reply(clients[1], 1, extra=5.0)]
+    assert check_update(replies[1], GLOBAL) is None  # an extra number is fine; an odd value is not:
+    assert "metric 'junk' is not a finite number" in check_update(reply(clients[1], 1, junk=[1.0, 2.0]), GLOBAL)
+    assert "metric 'loss' is not a finite number" in check_update(reply(clients[1], 1, loss=float("nan")), GLOBAL)
+    strategy = build_strategy(cfg.FederationConfig())
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), ConfigRecord({}), OneNode())
+    arrays, _ = strategy.aggregate_train(1, [clean_reply(r) for r in replies])
+    np.testing.assert_allclose(arrays["a"].numpy(), (clients[0]["a"] + clients[1]["a"]) / 2, rtol=1e-5)
+
+
+class OneNode:
+    def get_node_ids(self):
+        return [1]
+
+
+def test_fedmedian_and_trimmed_mean_against_hand_computation():
+    start, clients = updates(1, 1)[0], updates(2, 5)
+    clients[4] = {k: v * 1000 for k, v in clients[4].items()}  # one attacker with a huge update
+    got, _ = aggregate("fedmedian", start, clients, [1] * 5)
+    for k in KEYS:
+        np.testing.assert_allclose(got[k], np.median(np.stack([c[k] for c in clients]), axis=0), rtol=1e-5)
+    got, _ = aggregate("fedtrimmedavg", start, clients, [1] * 5, trim_beta=0.2)
+    for k in KEYS:  # per coordinate: drop the lowest and the highest of five, average the three left
+        ordered = np.sort(np.stack([c[k] for c in clients]), axis=0)
+        np.testing.assert_allclose(got[k], ordered[1:4].mean(axis=0), rtol=1e-5)
+
+
+def test_krum_picks_an_honest_update_against_a_large_norm_attacker():
+    start = updates(1, 1)[0]
+    rng = np.random.default_rng(3)
+    centre = {k: rng.normal(size=s) for k, s in KEYS.items()}
+    honest = [{k: v + 0.01 * rng.normal(size=v.shape) for k, v in centre.items()} for _ in range(4)]
+    attacker = {k: v + 100.0 for k, v in centre.items()}
+    clients = [*honest, attacker]
+    got, _ = aggregate("krum", start, clients, [1] * 5, malicious_clients=1, clients=5)
+    # Krum's score: the sum of squared distances to the n - f - 2 = 2 nearest others; the smallest score wins
+    flat = [np.concatenate([c[k].ravel() for k in KEYS]) for c in clients]
+    scores = [sorted(float(np.sum((a - b) ** 2)) for j, b in enumerate(flat) if j != i)[:2] for i, a in enumerate(flat)]
+    best = int(np.argmin([sum(s) for s in scores]))
+    assert best < 4
+    for k in KEYS:
+        np.testing.assert_allclose(got[k], clients[best][k], rtol=1e-5)
+    got, _ = aggregate("multikrum", start, clients, [1] * 5, malicious_clients=1, multikrum_select=3, clients=5)
+    assert np.abs(got["a"] - centre["a"]).max() < 0.1
+    got, _ = aggregate("bulyan", start, [*honest, *honest[:2], attacker], [1] * 7, malicious_clients=1, clients=7)
+    assert np.abs(got["a"] - centre["a"]).max() < 0.1
+
+
+def test_robust_strategies_need_enough_clients():
+    with pytest.raises(cfg.FedptError, match="needs at least 7 clients per round"):
+        cfg.FederationConfig(strategy="bulyan", malicious_clients=1, clients=5)
 
 
 def test_client_sampling_depends_on_seed_and_round_only():

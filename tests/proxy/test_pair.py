@@ -46,3 +46,12 @@ def test_full_model_folder_as_tuned_small(tiny, encode):
     torch.testing.assert_close(tuned, large.logprobs(ids, mask, 3))
     torch.testing.assert_close(load_tuned(tiny["small"], tiny["large"], dtype="float32").logprobs(ids, mask, 3),
                                large.logprobs(ids, mask, 3))
+
+
+def test_an_adapter_with_nan_weights_is_refused(tiny, lora, tmp_path):
+    peft_model, _ = lora()
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    peft_model.save_pretrained(tmp_path / "diverged")
+    with pytest.raises(FedptError, match="has NaN or inf values"):
+        load_expert(tiny["small"], tmp_path / "diverged", dtype="float32")
