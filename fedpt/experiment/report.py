@@ -17,6 +17,7 @@ from fedpt.experiment.results import (
     is_missing,
     load_results,
 )
+from fedpt.files import write_atomic
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -223,7 +224,7 @@ def write_report(results: dict[str, Any], folder: Path) -> Path:
     plot(results, folder)
     notes = folder / "notes.md"
     path = folder / "report.md"
-    path.write_text(markdown(results, notes.read_text() if notes.is_file() else ""))
+    write_atomic(path, markdown(results, notes.read_text() if notes.is_file() else ""))
     return path
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedpt.errors import FedptError
 from fedpt.federation.run_folder import read_metrics
+from fedpt.files import write_atomic
 
 RESULTS = "results.json"
 NAMES = {  # model key -> label, in the report's order
@@ -105,7 +106,7 @@ def targets(gaps_nll: dict[str, float], ratio: dict[str, float]) -> dict[str, di
 
 def save_results(results: dict[str, Any], folder: Path) -> Path:
     path = folder / RESULTS
-    path.write_text(json.dumps(results, indent=2))
+    write_atomic(path, json.dumps(results, indent=2))
     return path
 
 

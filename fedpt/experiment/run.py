@@ -29,6 +29,7 @@ from fedpt.data import Example, load_splits
 from fedpt.errors import FedptError
 from fedpt.experiment import results as res
 from fedpt.experiment.evaluation import Evaluation, choose, fusions_for
+from fedpt.files import write_atomic
 from fedpt.proxy import Fusion
 
 console = Console(stderr=True)
@@ -83,7 +84,7 @@ def setup(config: RunConfig, out: Path) -> Splits:
     saved = out / "config.json"
     if saved.is_file() and json.loads(saved.read_text()) != config.to_dict():
         raise FedptError(f"{out} holds an experiment with another config; pick another --out or delete it")
-    saved.write_text(json.dumps(config.to_dict(), indent=2))
+    write_atomic(saved, json.dumps(config.to_dict(), indent=2))
     return data
 
 
@@ -144,7 +145,7 @@ def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path
         stats = run_training(model, tokenizer, train_set, tuning, seed=config.seed, progress=progress)
     model.save_pretrained(tuned)
     tokenizer.save_pretrained(tuned)
-    stats_file.write_text(json.dumps(stats))
+    write_atomic(stats_file, json.dumps(stats))
     return tuned, stats
 
 

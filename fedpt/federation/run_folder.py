@@ -2,12 +2,16 @@
 
     config.json      the run's config (a resume reads it back)
     round-K/         the global model after round K (what `fedpt generate --adapter` takes), its exact float32
-                     weights (state.npz), the strategy's state (server-state.npz), and round.json, written last:
-                     a round folder without it is incomplete and never used
+                     weights (state.npz), the strategy's state (server-state.npz), and round.json, written last
+                     with the sha256 of every other file: a round folder without it is incomplete, and one whose
+                     files do not match it is damaged; neither is ever used
     metrics.jsonl    one JSON row per round (0 = before training): the held-out loss of the global model, each
-                     client's metrics, rejected updates, distillation stats
+                     client's metrics, rejected updates, distillation stats, and `failed` for a failed round
     final/           a copy of the last round's model folder without the bookkeeping
     server.log       warnings with their whole text (clients' tracebacks), where a one-line message points
+
+Every file is written whole or not at all (fedpt/files.py), and fedpt writes only these names: a new run
+refuses a folder that holds any of them, and nothing else in the folder is ever touched.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from fedpt.config import RunConfig
 from fedpt.errors import FedptError
+from fedpt.files import checksums, damage, sync_folder, write_atomic
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -28,14 +33,30 @@ STATE = "state.npz"  # exact global weights of a round, for resuming
 SERVER_STATE = "server-state.npz"  # the strategy's state (the server optimiser's moments)
 DONE = "round.json"
 LOG = "server.log"
+FINAL = "final"
+FINAL_MARK = ".fedpt-final"  # in final/: fedpt wrote this folder and may replace it
 
 
-def read_metrics(out: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl, in order."""
+def read_metrics(out: str | Path, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, in order. A last line cut short by a crash is dropped when
+    `drop_torn_tail` (a resume rewrites the file); any other unreadable line is an error naming it."""
     path = Path(out) / METRICS
     if not path.is_file():
         raise FedptError(f"{Path(out)} has no {METRICS}: not a fedpt federation folder")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+                raise ValueError
+        except ValueError:
+            if drop_torn_tail and number == len(lines):
+                break
+            raise FedptError(f"{path}, line {number} is not a metrics row; `fedpt train --resume` repairs a last "
+                             "line cut short, or restore the file") from None
+        rows.append(row)
+    return rows
 
 
 class RunFolder:
@@ -43,30 +64,59 @@ class RunFolder:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
+        self.note: str | None = None  # what a resume had to skip, said once to the user
 
     def begin(self, config: RunConfig, resume: bool) -> int:
-        """Claim the folder for `config`; return the round to continue after (0 for a new run).
-
-        A new run refuses a folder that already holds one; a resume continues after the last completed round
-        (and may extend the run, e.g. with more rounds)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        saved = self.out / CONFIG
-        current = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-        if resume:
-            if not saved.is_file():
-                raise FedptError(f"{self.out} has no {CONFIG}: nothing to resume")
-            start = self.last_completed_round()
-            self._trim_metrics(start)
-        elif saved.is_file() or any(self.out.glob("round-*")):
-            raise FedptError(f"output folder {self.out} already holds a run; resume it with --resume or pick another")
-        else:
-            start = 0
-        saved.write_text(current)
+        """`check`, then `claim`: the round to continue after (0 for a new run)."""
+        start = self.check(resume)
+        self.claim(config, start)
         return start
 
-    def last_completed_round(self) -> int:
-        done = [int(p.name.split("-")[1]) for p in self.out.glob("round-*") if (p / DONE).is_file()]
-        return max(done, default=0)
+    def check(self, resume: bool) -> int:
+        """The round to continue after, writing nothing: a new run needs a folder without fedpt's files; a resume
+        continues after the last round whose files are intact (saying, in `note`, which later ones were not)."""
+        if not resume:
+            taken = [p.name for p in (self.out.iterdir() if self.out.is_dir() else [])
+                     if p.name in (CONFIG, METRICS, LOG, FINAL) or p.name.startswith(("round-", ".round-"))]
+            if taken:
+                raise FedptError(f"output folder {self.out} already holds a run ({', '.join(sorted(taken)[:3])}); "
+                                 "resume it with --resume or pick another")
+            return 0
+        if not (self.out / CONFIG).is_file():
+            raise FedptError(f"{self.out} has no {CONFIG}: nothing to resume")
+        read_metrics(self.out, drop_torn_tail=True)  # an unreadable line in the middle stops here, before writing
+        return self.last_intact_round()
+
+    def claim(self, config: RunConfig, start: int) -> None:
+        """Write the config, and cut metrics.jsonl back to round `start` (after everything is validated)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out / CONFIG, json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        if (self.out / METRICS).is_file():
+            rows = [r for r in read_metrics(self.out, drop_torn_tail=True) if r["round"] <= start]
+            write_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def last_intact_round(self) -> int:
+        done = sorted((int(p.name.split("-")[1]) for p in self.out.glob("round-*") if (p / DONE).is_file()),
+                      reverse=True)
+        skipped = []
+        for server_round in done:
+            problem = self._damage(server_round)
+            if problem is None:
+                break
+            skipped.append(f"round {server_round} ({problem})")
+        else:
+            server_round = 0
+        if skipped:
+            self.note = f"{'; '.join(skipped)} damaged: continuing after round {server_round}"
+        return server_round
+
+    def _damage(self, server_round: int) -> str | None:
+        folder = self.round_dir(server_round)
+        try:
+            recorded = json.loads((folder / DONE).read_text())["sha256"]
+        except (ValueError, KeyError, TypeError):
+            return f"{DONE} is unreadable"
+        return damage(folder, recorded)
 
     def round_dir(self, server_round: int) -> Path:
         return self.out / f"round-{server_round}"
@@ -86,24 +136,28 @@ class RunFolder:
         tokenizer.save_pretrained(temporary)
         np.savez(temporary / STATE, **state)
         np.savez(temporary / SERVER_STATE, **strategy_state)
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished or damaged earlier attempt at this round
         temporary.rename(folder)
+        sync_folder(self.out)
 
     def mark_done(self, server_round: int) -> None:
-        (self.round_dir(server_round) / DONE).write_text(json.dumps({"round": server_round}))
+        folder = self.round_dir(server_round)
+        write_atomic(folder / DONE, json.dumps({"round": server_round, "sha256": checksums(folder, skip=(DONE,))}))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.out / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def _trim_metrics(self, last_round: int) -> None:
-        if (self.out / METRICS).is_file():
-            rows = [r for r in read_metrics(self.out) if r["round"] <= last_round]
-            (self.out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = read_metrics(self.out) if (self.out / METRICS).is_file() else []
+        write_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in [*rows, row]))
 
     def write_final(self, server_round: int) -> Path:
         """final/: the model folder of `server_round`, without the bookkeeping files."""
-        final = self.out / "final"
+        final, temporary = self.out / FINAL, self.out / ".final.partial"
+        if final.exists() and not (final / FINAL_MARK).is_file():
+            raise FedptError(f"{final} was not written by fedpt; move it away so that fedpt can write the final model")
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.copytree(self.round_dir(server_round), temporary,
+                        ignore=shutil.ignore_patterns(STATE, SERVER_STATE, DONE))
+        (temporary / FINAL_MARK).write_text(json.dumps({"round": server_round}))
         shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(self.round_dir(server_round), final, ignore=shutil.ignore_patterns(STATE, SERVER_STATE, DONE))
+        temporary.rename(final)
+        sync_folder(self.out)
         return final

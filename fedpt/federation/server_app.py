@@ -60,42 +60,57 @@ class Federation:
 
     def run(self) -> Path:
         """Train the remaining rounds; return the final model folder."""
-        start = self.folder.begin(self.config, self.resume)
-        handler = logging.FileHandler(self.folder.out / LOG, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        try:
-            return self._run(start)
-        finally:
-            log.removeHandler(handler)
-            handler.close()
-
-    def _run(self, start: int) -> Path:
         from fedpt.data import load_splits
         from fedpt.models import HFCausalLM, load_model
         from fedpt.scoring import nll
         from fedpt.tuning.local import make_trainable, set_trainable_state, trainable_state
 
+        # setup: everything is validated (the folder, data, model, a resumed state, the clients' partitions)
+        # before anything is written to the output folder
         config, fed = self.config, self.config.federation
+        start = self.folder.check(self.resume)
+        heldout = load_splits(config.data)["test"][: fed.eval_examples or None]
         model, tokenizer, _ = load_model(config.model.small, dtype=config.tuning.dtype)
         model = make_trainable(model, config.tuning, seed=config.seed)
-        heldout = load_splits(config.data)["test"][: fed.eval_examples or None]
         strategy = build_strategy(fed)
         after_round = self.after_round or make_distiller(config)
         if start:
             state, saved_strategy = self.folder.load_round(start)
+            self._check_saved(state, trainable_state(model), start)
             set_trainable_state(model, state)
             restore_strategy_state(strategy, saved_strategy)
         state = trainable_state(model)
-
-        def score() -> dict[str, float]:
-            return nll(HFCausalLM(model, tokenizer), heldout, max_length=config.score_max_length)
-
-        if start == 0:
-            self._record({"round": 0, "global": score(), "clients": [], "rejected": []})
         discovered = self._discover()
         nodes = {pid: node for pid, (node, _) in discovered.items()}
         sizes = {pid: examples for pid, (_, examples) in discovered.items()}
+        self.folder.claim(config, start)
+        if self.folder.note:
+            self._warn(self.folder.note)
+        handler = logging.FileHandler(self.folder.out / LOG, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            return self._rounds(start, model, tokenizer, state, strategy, after_round, nodes, sizes,
+                                lambda: nll(HFCausalLM(model, tokenizer), heldout, max_length=config.score_max_length))
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+    def _check_saved(self, saved: dict[str, np.ndarray], fresh: dict[str, np.ndarray], server_round: int) -> None:
+        """A resumed run must fit the weights it resumes (a changed LoRA rank or target would not)."""
+        if saved.keys() != fresh.keys() or any(saved[k].shape != fresh[k].shape for k in fresh):
+            raise FedptError(f"round {server_round} of {self.folder.out} holds weights of other names or shapes than "
+                             "this config trains (changed tuning settings?); resume with the run's own settings")
+
+    def _rounds(self, start: int, model: Any, tokenizer: Any, state: dict[str, np.ndarray], strategy: Any,
+                after_round: AfterRound | None, nodes: dict[int, int], sizes: dict[int, int],
+                score: Any) -> Path:
+        """fit: the rounds left, each checkpointed; then the final model."""
+        from fedpt.tuning.local import set_trainable_state, trainable_state
+
+        config, fed = self.config, self.config.federation
+        if start == 0:
+            self._record({"round": 0, "global": score(), "clients": [], "rejected": []})
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=True) as progress:
             rounds = progress.add_task("rounds", total=fed.rounds, completed=start)

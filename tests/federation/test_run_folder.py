@@ -7,7 +7,7 @@ import pytest
 
 from fedpt import config as cfg
 from fedpt.errors import FedptError
-from fedpt.federation.run_folder import DONE, SERVER_STATE, STATE, RunFolder, read_metrics
+from fedpt.federation.run_folder import DONE, METRICS, SERVER_STATE, STATE, RunFolder, read_metrics
 
 
 class Saved:
@@ -45,7 +45,7 @@ def test_a_run_resumes_after_its_last_completed_round(tmp_path):
     np.testing.assert_array_equal(state["w"], [1, 1])
     np.testing.assert_array_equal(strategy["m_t/w"], [0, 0])
     final = again.write_final(1)
-    assert sorted(p.name for p in final.iterdir()) == ["model.json", "tokenizer.json"]
+    assert sorted(p.name for p in final.iterdir()) == [".fedpt-final", "model.json", "tokenizer.json"]
     assert {STATE, SERVER_STATE, DONE} <= {p.name for p in (tmp_path / "round-1").iterdir()}
     assert json.loads((tmp_path / "config.json").read_text()) == run.to_dict()
 
@@ -55,3 +55,58 @@ def test_resume_needs_a_run_and_metrics_need_a_folder(tmp_path):
         RunFolder(tmp_path).begin(cfg.RunConfig(), resume=True)
     with pytest.raises(FedptError, match="has no metrics.jsonl"):
         read_metrics(tmp_path)
+
+
+def three_rounds(tmp_path):
+    run = cfg.load(None, [], out=str(tmp_path))
+    folder = RunFolder(tmp_path)
+    folder.begin(run, resume=False)
+    folder.append_metrics({"round": 0, "global": {"nll": 2.0}})
+    for r in (1, 2, 3):
+        save(folder, r)
+    return run
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "model.json").write_text("{"), "model.json does not match its checksum"),  # truncated
+    (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (lambda d: (d / SERVER_STATE).write_bytes(b"garbage"), "server-state.npz does not match"),
+    (lambda d: (d / DONE).write_text('{"round": 3, "sha'), "round.json is unreadable"),
+])
+def test_resume_falls_back_to_the_last_intact_round_and_says_so(tmp_path, damage, words):
+    run = three_rounds(tmp_path)
+    damage(tmp_path / "round-3")
+    folder = RunFolder(tmp_path)
+    assert folder.begin(run, resume=True) == 2
+    assert words in folder.note and "continuing after round 2" in folder.note
+    assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_a_torn_metrics_line_is_repaired_by_resume_and_named_otherwise(tmp_path):
+    run = three_rounds(tmp_path)
+    with open(tmp_path / METRICS, "a") as f:
+        f.write('{"round": 4, "glo')  # the server died while writing
+    assert [r["round"] for r in read_metrics(tmp_path, drop_torn_tail=True)] == [0, 1, 2, 3]
+    with pytest.raises(FedptError, match="line 5 is not a metrics row"):
+        read_metrics(tmp_path)
+    assert RunFolder(tmp_path).begin(run, resume=True) == 3
+    assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_files_fedpt_did_not_create_are_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    run = cfg.load(None, [], out=str(tmp_path))
+    folder = RunFolder(tmp_path)
+    folder.begin(run, resume=False)  # a folder with other files is fine
+    save(folder, 1)
+    folder.write_final(1)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    for name in ("metrics.jsonl", "final"):  # a folder holding one of fedpt's names is refused
+        other = tmp_path / f"other-{name}"
+        other.mkdir()
+        (other / name).mkdir() if name == "final" else (other / name).write_text("user data")
+        with pytest.raises(FedptError, match=f"already holds a run \\({name}"):
+            RunFolder(other).begin(run, resume=False)
+    (tmp_path / "final" / ".fedpt-final").unlink()  # a final/ fedpt cannot prove it wrote: not replaced
+    with pytest.raises(FedptError, match="was not written by fedpt"):
+        folder.write_final(1)

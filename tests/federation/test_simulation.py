@@ -155,3 +155,10 @@ def test_a_partition_error_is_one_line(tiny_run, tmp_path):
         simulate(run)
     assert str(error.value).startswith("a client could not start: natural partition: the data has 3 groups")
     assert "\n" not in str(error.value) and "ray" not in str(error.value).lower()
+
+
+def test_a_run_that_cannot_start_writes_nothing(tiny_run, tmp_path):
+    run = tiny_run(tmp_path / "run", data={"source": str(tmp_path / "typo.jsonl")})
+    with pytest.raises(FedptError, match="typo.jsonl"):
+        simulate(run)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
