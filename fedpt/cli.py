@@ -51,6 +51,21 @@ def models_prepare(
         print(store.prepare(name, force=force))
 
 
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="model names; all prepared ones if none")] = None,
+) -> None:
+    """Check every file of prepared models against the checksums recorded when they were prepared."""
+    from fedpt.models import store
+
+    for name in names or [n for n in store.REGISTRY if store.is_prepared(n)]:
+        if name not in store.REGISTRY:
+            raise FedptError(f"unknown model name '{name}'; known names: {', '.join(store.REGISTRY)}")
+        if not store.is_prepared(name):
+            raise FedptError(f"{name} is not prepared; run `fedpt models prepare {name}`")
+        print(f"{name}: ok ({store.verify(name, full=True)})")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Registered models, whether they are prepared, and their size on disk."""

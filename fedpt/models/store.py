@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedpt.errors import FedptError, first_line
+from fedpt.files import checksums, sha256_of
 
 MARKER = "fedpt-model.json"  # written last: a folder without it is incomplete and never used
 
@@ -145,6 +146,9 @@ def prepare(name: str, *, force: bool = False) -> Path:
                     "dtype": "bfloat16",
                     "parameters": n_params,
                     "convert_seconds": round(time.time() - started, 1),
+                    # what `verify` checks: sizes at every load, checksums on demand
+                    "files": {name: {"bytes": (out / name).stat().st_size, "sha256": digest}
+                              for name, digest in checksums(out, skip=(MARKER,)).items()},
                 },
                 indent=2,
             )
@@ -176,11 +180,37 @@ def _convert_gguf(folder: Path, gguf_name: str, out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def verify(name: str, full: bool = False) -> Path:
+    """The prepared folder of a registered model, checked against what `prepare` recorded: every file present
+    with its size (cheap, at every load), and with its sha256 when `full` (`fedpt models verify`)."""
+    folder = model_dir(name)
+    repair = f"repair it with `fedpt models prepare {name} --force`"
+    try:
+        files = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FedptError(f"the prepared model {folder} has no file list (an older fedpt, or a damaged "
+                         f"{MARKER}); {repair}") from None
+    on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MARKER}
+    extra = sorted(on_disk - set(files))
+    if extra:
+        raise FedptError(f"the prepared model {folder} holds files it was not prepared with ({extra[0]}); {repair}")
+    for relative, expected in files.items():
+        path = folder / relative
+        if not path.is_file():
+            raise FedptError(f"the prepared model {folder} lacks {relative}; {repair}")
+        if path.stat().st_size != expected["bytes"]:
+            raise FedptError(f"the prepared model's {relative} has {path.stat().st_size} bytes, not "
+                             f"{expected['bytes']}; {repair}")
+        if full and sha256_of(path) != expected["sha256"]:
+            raise FedptError(f"the prepared model's {relative} does not match its checksum; {repair}")
+    return folder
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A registered model name (prepared on first use) or a local Hugging Face model folder."""
+    """A registered model name (prepared on first use, size-checked at every use) or a local model folder."""
     key = str(name_or_path)
     if key in REGISTRY:
-        return prepare(key)
+        return verify(key) if is_prepared(key) else prepare(key)
     path = Path(key).expanduser()
     if not path.exists():
         raise FedptError(

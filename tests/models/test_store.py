@@ -91,6 +91,29 @@ def test_prepared_folder_is_reused(fake_parts, fedpt_home, monkeypatch, tiny):
     assert folder == first and len(tokenizer) > 0
 
 
+def test_a_damaged_cache_is_a_one_line_error_naming_the_repair(fake_parts, fedpt_home, monkeypatch, tiny, cli):
+    import shutil
+
+    register, _ = fake_parts
+    register()
+    monkeypatch.setattr(store, "_convert_gguf", lambda folder, name, out: shutil.copytree(tiny["small"], out) and 1)
+    folder = store.prepare("fake-model")
+    assert cli("models", "verify", "fake-model")[0] == 0
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte: same size, so only the full check sees it
+    weights.write_bytes(bytes(data))
+    assert store.resolve("fake-model") == folder
+    code, _, err = cli("models", "verify", "fake-model")
+    assert code == 2 and "does not match its checksum" in err and "fedpt models prepare fake-model --force" in err
+    weights.write_bytes(bytes(data[:-10]))  # truncated: every load notices
+    with pytest.raises(FedptError, match="model.safetensors has .* bytes, not .*; repair it with"):
+        store.resolve("fake-model")
+    (folder / "swapped.bin").write_bytes(b"x")
+    with pytest.raises(FedptError, match="holds files it was not prepared with"):
+        store.resolve("fake-model")
+
+
 def test_unknown_name_and_bad_folders(tmp_path, fedpt_home, tiny):
     with pytest.raises(FedptError, match="neither a known model name"):
         store.resolve("no-such-model")
