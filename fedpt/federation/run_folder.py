@@ -113,10 +113,14 @@ class RunFolder:
     def _damage(self, server_round: int) -> str | None:
         folder = self.round_dir(server_round)
         try:
-            recorded = json.loads((folder / DONE).read_text())["sha256"]
-        except (ValueError, KeyError, TypeError):
+            done = json.loads((folder / DONE).read_text())
+        except ValueError:
+            done = None
+        if not isinstance(done, dict) or done.get("round") != server_round:
             return f"{DONE} is unreadable"
-        return damage(folder, recorded)
+        if "sha256" not in done:  # written by a fedpt before checksums: nothing to verify against
+            return None
+        return damage(folder, done["sha256"])
 
     def round_dir(self, server_round: int) -> Path:
         return self.out / f"round-{server_round}"
