@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 models_app = typer.Typer(no_args_is_help=True, help="The offline model store.")
 app.add_typer(models_app, name="models")
 
-DTYPE_CHOICES = click.Choice(["bfloat16", "float32", "float16"])
+DTYPE_CHOICES = click.Choice(["auto", "bfloat16", "float32", "float16"])
 DEVICE_CHOICES = click.Choice(["cpu", "cuda", "mps"])
 
 
@@ -116,7 +116,9 @@ Weight = Annotated[float | None, typer.Option(help="share of the tuned small mod
                                                    "the proxy (0: the proxy alone)")]
 Dynamic = Annotated[bool, typer.Option(help="choose alpha per token (dynamic logit fusion)")]
 SmallInt8 = Annotated[bool, typer.Option(help="int8 weights for the small pair: faster, a bit different")]
-Dtype = Annotated[str, typer.Option(click_type=DTYPE_CHOICES, help="weights' number format")]
+Dtype = Annotated[str, typer.Option(click_type=DTYPE_CHOICES,
+                                    help="weights' number format (auto: bfloat16 where the hardware computes it "
+                                         "natively, else float32)")]
 Device = Annotated[str, typer.Option(click_type=DEVICE_CHOICES, help="where the models run")]
 Tokenizer = Annotated[str | None, typer.Option(help="with a URL or GGUF: the model whose tokenizer it shares "
                                                     "(default: --small)")]
@@ -177,7 +179,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop at this text (repeatable)")] = None,
     raw: Annotated[bool, typer.Option(help="do not apply the chat template")] = False,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together")] = 8,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
     device: Device = "cpu",
     tokenizer: Tokenizer = None,
     served_name: ServedName = "",
@@ -223,7 +225,7 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="longer prompts are answered 400")] = 2048,
     max_tokens: Annotated[int, typer.Option(help="most new tokens a request may ask for")] = 1024,
     timeout: Annotated[float, typer.Option(help="seconds a request may take, waiting included")] = 600.0,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
     device: Device = "cpu",
     tokenizer: Tokenizer = None,
     served_name: ServedName = "",

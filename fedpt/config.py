@@ -20,6 +20,7 @@ from fedpt.errors import FedptError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONS = ("natural", "iid", "dirichlet")
+DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")
 
 
 @dataclass
@@ -116,7 +117,8 @@ class TuneConfig:
     local_steps: int = 10
     local_epochs: float = 0.0  # when > 0, train this many passes over the client's data instead of local_steps
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss
-    dtype: str = "bfloat16"  # of the frozen weights; trained weights are kept in float32
+    dtype: str = "auto"  # of the frozen weights (auto: bfloat16 where computed natively, else float32); trained
+    #                      weights are kept in float32
     chat: bool = True
 
     def __post_init__(self) -> None:
@@ -129,6 +131,8 @@ class TuneConfig:
             raise FedptError("set local_steps >= 1 or local_epochs > 0")
         if self.learning_rate <= 0:
             raise FedptError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.dtype not in DTYPE_NAMES:
+            raise FedptError(f"unknown tuning.dtype '{self.dtype}'; choose one of: {', '.join(DTYPE_NAMES)}")
         self.target_modules = list(self.target_modules)
 
 

@@ -38,7 +38,7 @@ def test_prompts_file_gives_jsonl(cli, tiny, tmp_path, suffix):
         ([], "exactly one of --prompt or --prompts-file"),
         (["--prompts-file", "/nonexistent/p.txt"], "prompts file /nonexistent/p.txt does not exist"),
         (["--prompt", "x", "--max-new-tokens", 0], "max_new_tokens must be at least 1"),
-        (["--prompt", "x", "--dtype", "int3"], "Invalid value for '--dtype': 'int3' is not one of 'bfloat16'"),
+        (["--prompt", "x", "--dtype", "int3"], "Invalid value for '--dtype': 'int3' is not one of 'auto'"),
         (["--prompt", "x", "--top-p", "many"], "Invalid value for '--top-p': 'many' is not a valid float"),
         (["--prompt", "x", "--alpha", "2"], "--alpha, --weight and --dynamic steer with a small pair"),
         (["--prompt", "x", "--temperature", "nan"], "temperature must be a finite number >= 0"),

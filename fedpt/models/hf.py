@@ -14,7 +14,30 @@ from fedpt.errors import FedptError, first_line
 from fedpt.models.interface import LanguageModel, positions
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16, "auto": None}
+
+
+def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The weights' number format; "auto" is bfloat16 where the hardware computes it natively (a recent GPU, a
+    CPU with AVX512-BF16 or AMX) and float32 elsewhere: emulated bfloat16 trained 38x slower than float32 on a
+    2-core AVX2 machine (200 s against 5.3 s per LoRA step of the 0.5B)."""
+    if name not in DTYPES:
+        raise FedptError(f"unknown dtype '{name}'; choose one of: {', '.join(DTYPES)}")
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(device) != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to know; float32 is never slow
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass
@@ -43,7 +66,7 @@ class HFCausalLM(LanguageModel):
             head._fedpt_strides = True
 
     @classmethod
-    def load(cls, name_or_path: str | Path, *, dtype: str = "bfloat16", device: str = "cpu") -> HFCausalLM:
+    def load(cls, name_or_path: str | Path, *, dtype: str = "auto", device: str = "cpu") -> HFCausalLM:
         model, tokenizer, _ = load_model(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, name=str(name_or_path))
 
@@ -145,20 +168,19 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
 
 
 def load_model(
-    name_or_path: str | Path, *, dtype: str = "bfloat16", device: str = "cpu", trust_remote_code: bool = False
+    name_or_path: str | Path, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, Any, Path]:
     """Load a registered model name or a local folder as (model, tokenizer, folder), with one-line errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedpt.models import store
 
-    if dtype not in DTYPES:
-        raise FedptError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    torch_type = torch_dtype(dtype, device)
     folder = store.resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            folder, dtype=torch_type, trust_remote_code=trust_remote_code
         ).to(device)
     except Exception as e:  # safetensors, tokenizers and transformers each raise their own types
         raise FedptError(f"cannot load model folder {folder}: {first_line(e)}") from None

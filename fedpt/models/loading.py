@@ -12,7 +12,7 @@ from fedpt.models.remote import Endpoint, RemoteLM, is_url
 
 
 def open_lm(name: str, *, tokenizer: str | None = None, served_name: str = "", api_key_env: str = "",
-            top_k: int = 20, dtype: str = "bfloat16", device: str = "cpu") -> LanguageModel:
+            top_k: int = 20, dtype: str = "auto", device: str = "cpu") -> LanguageModel:
     """A LanguageModel for `name`. A URL needs `tokenizer`: the model whose tokenizer the server shares (the small
     model); `served_name`, `api_key_env` (the variable's name) and `top_k` apply to URLs only."""
     if is_url(name):
@@ -37,7 +37,7 @@ def _tokenizer_for(name: str, tokenizer: str | None) -> str:
     return tokenizer
 
 
-def open_large(model: ModelConfig, dtype: str = "bfloat16", device: str = "cpu") -> LanguageModel:
+def open_large(model: ModelConfig, dtype: str = "auto", device: str = "cpu") -> LanguageModel:
     """The run's large model: local weights, or the black box at `model.large` when that is a URL."""
     return open_lm(model.large, tokenizer=model.small, served_name=model.large_served_name,
                    api_key_env=model.large_api_key_env, top_k=model.large_top_k, dtype=dtype, device=device)

@@ -171,7 +171,7 @@ def is_adapter(folder: str | Path) -> bool:
 
 
 def load_expert(
-    small: str | Path, adapter: str | Path, *, dtype: str = "bfloat16", device: str = "cpu", int8: bool = False
+    small: str | Path, adapter: str | Path, *, dtype: str = "auto", device: str = "cpu", int8: bool = False
 ) -> ExpertPair:
     """The small base model and its tuned version: a LoRA adapter folder, or a fully fine-tuned model folder.
 
@@ -211,7 +211,7 @@ def _check_finite(model: torch.nn.Module, folder: Path, only: str = "") -> None:
                              "earlier round's folder")
 
 
-def load_tuned(small: str | Path, tuned: str | Path, *, dtype: str = "bfloat16", device: str = "cpu") -> LanguageModel:
+def load_tuned(small: str | Path, tuned: str | Path, *, dtype: str = "auto", device: str = "cpu") -> LanguageModel:
     """The tuned small model alone: the base model with a LoRA adapter folder, or a fully fine-tuned folder."""
     if is_adapter(tuned):
         return load_expert(small, tuned, dtype=dtype, device=device).tuned

@@ -28,3 +28,17 @@ def test_corrupt_weights_are_a_one_line_error(tmp_path, tiny):
 def test_unknown_dtype(tiny):
     with pytest.raises(FedptError, match="unknown dtype 'int3'"):
         load_model(tiny["small"], dtype="int3")
+
+
+def test_auto_dtype_is_bfloat16_only_where_computed_natively(monkeypatch):
+    import torch
+
+    from fedpt.models import hf
+
+    monkeypatch.setattr(hf, "native_bf16", lambda device="cpu": False)
+    assert hf.torch_dtype("auto") == torch.float32
+    monkeypatch.setattr(hf, "native_bf16", lambda device="cpu": True)
+    assert hf.torch_dtype("auto") == torch.bfloat16
+    assert hf.torch_dtype("float16") == torch.float16
+    with pytest.raises(FedptError, match="unknown dtype 'int3'"):
+        hf.torch_dtype("int3")
