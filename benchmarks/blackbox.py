@@ -1,9 +1,10 @@
-"""What a black-box large model costs FedPT: llama-cpp-python's server serving the 1.5B GGUF on loopback, steered
-with the default chatterbot experiment's FedPT adapter and chosen fusion, at k reported log-probabilities per
-position; then, in process and side by side, the large model with transformers (bf16) and with llama.cpp, alone
+"""What a black-box large model costs FedPT: the 1.5B GGUF (llama.cpp) steered with the default chatterbot
+experiment's FedPT adapter and chosen fusion, when only its top k log-probabilities per position are known (what
+a server reports); then, in process and side by side, the large model with transformers (bf16) and with llama.cpp, alone
 and proxy-tuned; then the overlap of a remote request with the small pair's forward.
 
-Train the adapters first, with the experiment's recipe (the same seeds give the experiment's adapters):
+Train the adapters first, with the experiment's recipe (the same seeds give the experiment's adapters; on a CPU
+without native bfloat16, dtype auto trains in float32):
 
     fedpt train --config configs/experiment-chatterbot.toml --set distill.every=0 --out runs/blackbox/fedpt
     fedpt train --config configs/experiment-chatterbot.toml --set distill.every=0 \\
@@ -17,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch
 from fedpt import config as cfg
 from fedpt.data import encode_prompt, load_splits
 from fedpt.experiment.results import gap_closed
-from fedpt.models import HFCausalLM, pad_left, store
+from fedpt.models import HFCausalLM, LanguageModel, pad_left, store
 from fedpt.models.llama_cpp import LlamaCppLM
 from fedpt.models.remote import Endpoint, RemoteLM
 from fedpt.proxy import Fusion, ProxyTunedLM, load_expert, load_tuned
@@ -47,31 +45,6 @@ from decode import time_decoding  # noqa: E402
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 PROMPTS = ["Write a Python function that checks whether a string is a palindrome.",
            "What is your favourite book, and why?", "Explain what a hash table is in two sentences."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_llama_server(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                                "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 180
-    while True:
-        if process.poll() is not None:
-            raise SystemExit("llama_cpp.server exited; is fedpt[llama] installed?")
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2):
-                return process, url
-        except OSError:
-            if time.time() > deadline:
-                raise SystemExit("llama_cpp.server never answered") from None
-            time.sleep(0.5)
 
 
 def greedy_tokens(lm, prompts: list[str], tokens: int) -> tuple[list[list[int]], float]:
@@ -91,24 +64,44 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / sum(len(r) for r in a)
 
 
-def top_k_sweep(args: argparse.Namespace, url: str, expert, fusion: Fusion, test, max_length: int) -> dict:
-    tokenizer = expert.tokenizer
+class TopKOnly(LanguageModel):
+    """What a server that reports the top k log-probabilities tells: the model's own, -inf outside its top k."""
+
+    def __init__(self, lm: LanguageModel, k: int):
+        self.lm, self.k = lm, k
+        self.name, self.tokenizer, self.vocab_size = f"{lm.name} top-{k}", lm.tokenizer, lm.vocab_size
+        self.eos_token_ids = lm.eos_token_ids
+
+    def _cut(self, logprobs: torch.Tensor) -> torch.Tensor:
+        kept = logprobs.topk(self.k, dim=-1)
+        return torch.full_like(logprobs, -math.inf).scatter(-1, kept.indices, kept.values)
+
+    def start(self, ids, mask):
+        logprobs, state = self.lm.start(ids, mask)
+        return self._cut(logprobs), state
+
+    def step(self, state, tokens):
+        return self._cut(self.lm.step(state, tokens))
+
+    def logprobs(self, ids, mask, last):
+        return self._cut(self.lm.logprobs(ids, mask, last))
+
+
+def top_k_sweep(args: argparse.Namespace, large: LanguageModel, expert, fusion: Fusion, test,
+                max_length: int) -> dict:
+    """The proxy with the large model's top k only (-inf elsewhere, filled by fill_tail), for each k."""
     rows, full_tokens = {}, None
     for k in sorted(args.ks, key=lambda k: k or 10**9, reverse=True):  # the full vocabulary first: the reference
-        top_k = k or len(tokenizer)
-        black_box = RemoteLM(Endpoint(url, top_k=top_k, timeout=600), tokenizer)
-        proxy = ProxyTunedLM(black_box, expert, fusion=fusion)
+        proxy = ProxyTunedLM(TopKOnly(large, k) if k else large, expert, fusion=fusion)
         started = time.perf_counter()
         score = nll(proxy, test, max_length=max_length, batch_size=1)
         score_seconds = time.perf_counter() - started
         tokens, step_s = greedy_tokens(proxy, PROMPTS, args.tokens)
         full_tokens = full_tokens or tokens
         rows["full" if not k else str(k)] = {
-            "top_k": top_k, "nll": score["nll"], "scored_tokens": score["tokens"], "scoring_seconds": score_seconds,
-            "greedy_agreement_with_full": agreement(tokens, full_tokens), "s_per_token": step_s,
-            "requests": black_box.stats["requests"], "retokenized_differently":
-                black_box.stats["text_prompts_retokenized_differently"],
-        }
+            "top_k": k or large.vocab_size, "nll": score["nll"], "scored_tokens": score["tokens"],
+            "scoring_seconds": score_seconds, "greedy_agreement_with_full": agreement(tokens, full_tokens),
+            "s_per_token": step_s}
         print(f"k={rows['full' if not k else str(k)]}", flush=True)
     return rows
 
@@ -251,20 +244,17 @@ def random_expert(run: cfg.RunConfig):
 
 
 def sweep_with_gaps(args: argparse.Namespace, run: cfg.RunConfig, expert, fusion: Fusion, test) -> dict:
-    result: dict = {}
-
-    # the gap's two ends on the same pairs, with local weights
-    large_base = nll(HFCausalLM.load(LARGE), test, max_length=run.score_max_length)["nll"]
+    """The top-k sweep on the 1.5B GGUF through llama.cpp in process (full-vocabulary log-probs, cut to the top k
+    as a server would report them), and the gap's ends on the same pairs. llama-cpp-python's server cannot be
+    the black box here: when its greedy next token is an end token it reports no log-probabilities at all, and
+    scoring asks for exactly that distribution after every answer."""
+    large = LlamaCppLM(store.gguf_file(LARGE), expert.tokenizer, n_ctx=2048, threads=args.threads)
+    large_base = nll(large, test, max_length=run.score_max_length, batch_size=1)["nll"]
     direct = nll(load_tuned(LARGE, args.direct), test, max_length=run.score_max_length)["nll"] \
         if args.direct.exists() else None
-    result["large_base_nll"], result["large_direct_nll"] = large_base, direct
-
-    server, url = start_llama_server(store.gguf_file(LARGE), args.threads)
-    try:
-        sweep = top_k_sweep(args, url, expert, fusion, test, run.score_max_length)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    result: dict = {"large": "llama.cpp in process, Q4_K_M GGUF", "large_base_nll": large_base,
+                    "large_direct_nll": direct}
+    sweep = top_k_sweep(args, large, expert, fusion, test, run.score_max_length)
     full = sweep["full"]["nll"]
     for row in sweep.values():
         row["share_of_full_vocabulary_improvement"] = (large_base - row["nll"]) / (large_base - full)

@@ -26,6 +26,8 @@ class Knobs:
     fail_status: int = 503
     latency: float = 0.0  # seconds before each completion answer
     api_key: str | None = None
+    silent_after: int | None = None  # after this many completions, answer as if the greedy token ended the text:
+    #                                  no log-probabilities at all (llama-cpp-python's server at an end token)
     requests: list = field(default_factory=list)  # (start, end, body) of each completion request
 
 
@@ -103,6 +105,9 @@ class FakeServer:
         if k is not None and self.knobs.max_top_k is not None:
             k = min(k, self.knobs.max_top_k)
         chosen = int(lp[-1].argmax())
+        if self.knobs.silent_after is not None and len(self.knobs.requests) >= self.knobs.silent_after:
+            return 200, {"object": "text_completion", "model": "tiny",
+                         "choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}]}
         choice: dict = {"index": 0, "text": tokenizer.decode([chosen]), "finish_reason": "length", "logprobs": None}
         if k is not None and self.knobs.logprobs:
             def top(row: torch.Tensor) -> dict[str, float]:

@@ -146,6 +146,10 @@ class RemoteLM(RowByRowLM):
         except (KeyError, IndexError, TypeError):
             top = None
         if not isinstance(top, dict) or not top:
+            if _ended_at_once(reply):
+                raise FedptError(f"the server at {self.endpoint.url} reports no log-probabilities where its greedy "
+                                 "next token ends the text (llama-cpp-python's server does this); use a server that "
+                                 "does (vLLM, SGLang, fedpt serve) or run the GGUF in process (--large FILE.gguf)")
             raise FedptError(f"the server at {self.endpoint.url} returned no log-probabilities; fedpt needs a server "
                              "that answers `logprobs` on /v1/completions")
         return {str(k): float(v) for k, v in top.items()}
@@ -217,6 +221,14 @@ class RemoteLM(RowByRowLM):
         if [str(t) for t in tokens] != ours:
             raise FedptError(f"the server at {self.endpoint.url} splits text into other tokens than the small "
                              f"model's tokenizer ({tokens[:6]} against {ours[:6]}); proxy-tuning needs one vocabulary")
+
+
+def _ended_at_once(reply: dict) -> bool:
+    try:
+        choice = reply["choices"][0]
+        return choice.get("finish_reason") == "stop" and not choice.get("text")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
 
 
 def _string_map(tokenizer: Any) -> dict[str, list[int]]:

@@ -149,6 +149,15 @@ def test_a_server_without_log_probabilities(tiny, large):
             remote(server, tiny)
 
 
+def test_a_server_silent_at_an_end_token_is_named(tiny, large, encode):
+    with FakeServer(large, silent_after=0) as server:
+        server.knobs.silent_after = None
+        black_box = remote(server, tiny)
+        server.knobs.silent_after = len(server.knobs.requests)
+        with pytest.raises(FedptError, match="reports no log-probabilities where its greedy next token ends the text"):
+            black_box.start(*encode(black_box.tokenizer))
+
+
 def test_a_server_with_another_tokenizer(tiny):
     other = HFCausalLM.load(tiny["other"], dtype="float32")
     with FakeServer(other) as server:
