@@ -2,8 +2,9 @@
 together) and time to first token, at 1, 4 and 8 concurrent streaming clients.
 
 The server runs in this process (fedpt.serving.running, the same engine and API as `fedpt serve`); each client is
-a thread with the `openai` client sending its requests one after another. The concurrency levels run in turn,
-twice (--rounds), so a drift in machine speed hits all of them; the figures are medians over rounds.
+a thread with the `openai` client sending its requests one after another; every request decodes exactly --tokens
+tokens (`ignore_eos`, as serving benchmarks do), so every level does the same work per request. The concurrency
+levels run in turn, --rounds times, so a drift in machine speed hits all of them; figures are medians over rounds.
 
     python benchmarks/serve.py [--adapter runs/blackbox/fedpt/final] [--tokens 32] [--out runs/benchmarks/serve.json]
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from fedpt import config as cfg
 from fedpt.models import HFCausalLM
+from fedpt.models.hf import torch_dtype
 from fedpt.proxy import Fusion, ProxyTunedLM, load_expert
 from fedpt.runtime import setup_process
 from fedpt.serving import running
@@ -50,7 +52,8 @@ def client(url: str, prompts: list[str], tokens: int) -> list[dict]:
         started, first, count = time.perf_counter(), None, 0
         for chunk in api.chat.completions.create(model="fedpt", messages=[{"role": "user", "content": prompt}],
                                                  max_tokens=tokens, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}):
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}):
             if chunk.choices and chunk.choices[0].delta.content and first is None:
                 first = time.perf_counter() - started
             if chunk.usage is not None:
@@ -79,7 +82,7 @@ def main() -> None:
     parser.add_argument("--requests-each", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/serve.json"))
     args = parser.parse_args()
     setup_process()
@@ -106,7 +109,8 @@ def main() -> None:
         row["throughput_ratio_to_one_client"] = row["tokens_per_s"] / one
     top = table[str(max(args.concurrency))]["throughput_ratio_to_one_client"]
     result = {"benchmark": "serve", "small": SMALL, "large": LARGE, "adapter": adapter, "fusion": args.fusion,
-              "dtype": args.dtype, "tokens_per_request": args.tokens, "requests_per_client": args.requests_each,
+              "dtype": f"{args.dtype} ({str(torch_dtype(args.dtype)).removeprefix('torch.')})",
+              "tokens_per_request": args.tokens, "requests_per_client": args.requests_each,
               "machine": {"cpus": os.cpu_count()}, "concurrency": table,
               "target": {"name": "8 clients >= 4x the tokens per second of 1", "value": top, "met": top >= 4}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

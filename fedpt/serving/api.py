@@ -71,6 +71,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's extension: "token_id:N" instead of the token's text
+    ignore_eos: bool = False  # vLLM's extension: decode through end tokens up to max_tokens (benchmarks)
 
 
 class CompletionRequest(_Common):
@@ -255,7 +256,8 @@ class API:
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
         return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        stop=tuple(stop), top_logprobs=top_logprobs, echo_logprobs=echo)
+                        stop=tuple(stop), top_logprobs=top_logprobs, echo_logprobs=echo,
+                        ignore_eos=body.ignore_eos)
 
     # ---- running requests ----
 

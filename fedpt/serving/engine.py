@@ -42,6 +42,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no log-probs; n: the chosen token's and the n most likely ones'
     echo_logprobs: bool = False  # also report the prompt's own log-probs (scoring)
+    ignore_eos: bool = False  # decode through end tokens up to max_tokens (benchmarks; vLLM's extension)
 
 
 @dataclass
@@ -183,7 +184,7 @@ class Engine:
         keep = []
         for i, (request, token) in enumerate(zip(rows, tokens)):
             report = self._advance(request, token, self._logprobs[i])
-            if report.text or report.tokens or report.finish_reason:
+            if report.text or report.new_tokens or report.finish_reason:
                 request.report(report)
             if report.finish_reason is None:
                 keep.append(i)
@@ -207,7 +208,7 @@ class Engine:
         """Take one token into a request: its new text (held back while it may still become a stop string)."""
         if request.cancelled.is_set():
             return Report(finish_reason="cancelled")
-        if token in self.lm.eos_token_ids:
+        if token in self.lm.eos_token_ids and not request.sampling.ignore_eos:
             return Report(text=self._text(request)[request.sent:], finish_reason="stop")
         sampling = request.sampling
         request.generated.append(token)

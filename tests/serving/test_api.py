@@ -61,6 +61,14 @@ def test_completion_and_chat_equal_fedpt_generate(served, proxy):
     assert chat.choices[0].finish_reason in ("stop", "length")
 
 
+def test_ignore_eos_decodes_exactly_max_tokens(served):
+    client, _ = served
+    for prompt in PROMPTS[:4]:
+        reply = client.completions.create(model="tiny-proxy", prompt=prompt, max_tokens=20, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 20 and reply.choices[0].finish_reason == "length"
+
+
 def test_streams_add_up_to_the_whole_answer(served):
     client, _ = served
     whole = client.chat.completions.create(model="tiny-proxy", messages=[{"role": "user", "content": PROMPTS[2]}],
