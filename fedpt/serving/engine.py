@@ -151,7 +151,13 @@ class Engine:
         if not new:
             return
         ids, mask = pad_left([r.prompt for r in new], pad_id(self.lm.tokenizer))
-        logprobs, state = self.lm.start(ids, mask)
+        try:
+            logprobs, state = self.lm.start(ids, mask)
+        except Exception as e:  # the new prompts failed (too long for the model, out of memory): the batch goes on
+            log.exception("reading new prompts failed")
+            for request in new:
+                request.report(Report(finish_reason="error", error=first_line(e)))
+            return
         if self._state is None:
             self._state, self._logprobs = state, logprobs
         else:
