@@ -1,6 +1,7 @@
 """Continuous batching: rows that join and leave a running batch decode exactly as they would alone."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -122,3 +123,44 @@ def test_a_full_queue_refuses(proxy):
     engine.submit(Request([1, 2], Sampling(), lambda r: None))
     with pytest.raises(QueueFull):
         engine.submit(Request([1, 2], Sampling(), lambda r: None))
+
+
+def test_a_prompt_that_fails_ends_only_its_own_request(proxy):
+    class Picky:
+        """The large model, except that it cannot read prompts longer than 20 tokens."""
+
+        def __init__(self, lm):
+            self.lm = lm
+            self.name, self.tokenizer, self.vocab_size, self.eos_token_ids = (lm.name, lm.tokenizer, lm.vocab_size,
+                                                                              lm.eos_token_ids)
+
+        def start(self, ids, mask):
+            if ids.shape[1] > 20:
+                raise RuntimeError("prompt too long for this model")
+            return self.lm.start(ids, mask)
+
+        def __getattr__(self, name):
+            return getattr(self.lm, name)
+
+    lm = Picky(proxy.large)
+    short, long = lm.tokenizer("hello world")["input_ids"], list(range(5, 40))
+    reports: dict[str, list[Report]] = {"short": [], "long": []}
+    done = threading.Semaphore(0)
+
+    def reporter(key):
+        def report(r):
+            reports[key].append(r)
+            if r.finish_reason:
+                done.release()
+        return report
+
+    engine = Engine(lm).start()
+    try:
+        engine.submit(Request(short, Sampling(max_tokens=30), reporter("short")))
+        time.sleep(0.2)  # the short request is running when the long one arrives
+        engine.submit(Request(long, Sampling(max_tokens=5), reporter("long")))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert reports["long"][-1].finish_reason == "error" and "too long" in reports["long"][-1].error
+    assert reports["short"][-1].finish_reason in ("stop", "length")
