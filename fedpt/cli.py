@@ -12,6 +12,7 @@ import click
 import typer
 
 from fedpt import __version__
+from fedpt.config import DTYPE_NAMES
 from fedpt.errors import FedptError
 from fedpt.runtime import quiet_transformers, setup_process
 
@@ -20,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 models_app = typer.Typer(no_args_is_help=True, help="The offline model store.")
 app.add_typer(models_app, name="models")
 
-DTYPE_CHOICES = click.Choice(["auto", "bfloat16", "float32", "float16"])
+DTYPE_CHOICES = click.Choice(list(DTYPE_NAMES))
 DEVICE_CHOICES = click.Choice(["cpu", "cuda", "mps"])
 
 

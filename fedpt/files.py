@@ -46,7 +46,7 @@ def checksums(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def damage(folder: str | Path, expected: dict[str, str]) -> str | None:
-    """What differs from the recorded checksums (a missing, extra-truncated or changed file), or None."""
+    """What differs from the recorded checksums (a missing or changed file), or None."""
     folder = Path(folder)
     for name, digest in expected.items():
         path = folder / name

@@ -69,15 +69,18 @@ def check_update(reply: Message, expected: dict[str, np.ndarray], max_examples: 
         if not np.isfinite(value).all():
             return f"weight {key} has NaN or inf values"
     examples = content["metrics"].get("num-examples")
-    if isinstance(examples, bool) or not isinstance(examples, int | float) or not math.isfinite(examples) \
-            or examples <= 0:
+    if not _finite_number(examples) or examples <= 0:
         return f"num-examples must be a finite positive number, got {examples!r}"
     if examples > max_examples:
         return f"num-examples {examples:g} is more than the {max_examples:g} examples its partition holds"
     for key, value in content["metrics"].items():  # extra keys are fine (they are not aggregated); odd values not
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if not _finite_number(value):
             return f"metric {key!r} is not a finite number"
     return None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def client_error(reason: str) -> str:

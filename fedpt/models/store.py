@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedpt.errors import FedptError, first_line
-from fedpt.files import checksums, sha256_of
+from fedpt.files import checksums, damage
 
 MARKER = "fedpt-model.json"  # written last: a folder without it is incomplete and never used
 
@@ -201,8 +201,9 @@ def verify(name: str, full: bool = False) -> Path:
         if path.stat().st_size != expected["bytes"]:
             raise FedptError(f"the prepared model's {relative} has {path.stat().st_size} bytes, not "
                              f"{expected['bytes']}; {repair}")
-        if full and sha256_of(path) != expected["sha256"]:
-            raise FedptError(f"the prepared model's {relative} does not match its checksum; {repair}")
+    problem = damage(folder, {name: f["sha256"] for name, f in files.items()}) if full else None
+    if problem:
+        raise FedptError(f"the prepared model's {problem}; {repair}")
     return folder
 
 

@@ -42,7 +42,7 @@ class Limits:
     def __post_init__(self) -> None:
         for key in ("max_prompt_tokens", "max_tokens", "default_chat_tokens", "max_body_bytes", "timeout"):
             value = getattr(self, key)
-            if not value > 0 or value != value:
+            if not value > 0:  # NaN fails too
                 raise FedptError(f"{key} must be a positive number, got {value}")
 
 

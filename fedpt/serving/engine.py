@@ -13,7 +13,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,20 +260,3 @@ def _overlap(text: str, stop: str) -> int:
             return n
     return 0
 
-
-def run_all(engine: Engine, prompts: Sequence[list[int]], sampling: Sampling) -> list[str]:
-    """Decode prompts through a running engine and wait for all of them (for tests and benchmarks)."""
-    texts, done = [""] * len(prompts), threading.Semaphore(0)
-
-    def reporter(i: int) -> Callable[[Report], None]:
-        def report(r: Report) -> None:
-            texts[i] += r.text
-            if r.finish_reason:
-                done.release()
-        return report
-
-    for i, prompt in enumerate(prompts):
-        engine.submit(Request(list(prompt), sampling, reporter(i)))
-    for _ in prompts:
-        done.acquire()
-    return texts

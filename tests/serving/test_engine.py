@@ -2,6 +2,7 @@
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,10 +11,28 @@ from fedpt.data import encode_prompt
 from fedpt.decoding import GenerationConfig, generate_tokens
 from fedpt.models import HFCausalLM, pad_left
 from fedpt.proxy import AdapterPair, ProxyTunedLM
-from fedpt.serving.engine import Engine, QueueFull, Report, Request, Sampling, run_all
+from fedpt.serving.engine import Engine, QueueFull, Report, Request, Sampling
 
 PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "hello", "write a python function",
            "good morning to you my friend", "a machine", "why did the chicken cross the road", "def add(a, b)"]
+
+
+def run_all(engine: Engine, prompts: list[list[int]], sampling: Sampling) -> list[str]:
+    """Decode prompts through a running engine and wait for all of them."""
+    texts, done = [""] * len(prompts), threading.Semaphore(0)
+
+    def reporter(i: int) -> Callable[[Report], None]:
+        def report(r: Report) -> None:
+            texts[i] += r.text
+            if r.finish_reason:
+                done.release()
+        return report
+
+    for i, prompt in enumerate(prompts):
+        engine.submit(Request(list(prompt), sampling, reporter(i)))
+    for _ in prompts:
+        done.acquire()
+    return texts
 
 
 @pytest.fixture(scope="module")
