@@ -252,6 +252,32 @@ def serve(
 
 
 @app.command()
+def gate(
+    superlink: Annotated[str, typer.Option(help="the SuperLink's address, on loopback (host:port)")],
+    superlink_ca: Annotated[Path, typer.Option(help="CA certificate that signed the SuperLink's certificate")],
+    cert: Annotated[Path, typer.Option(help="the gate's TLS certificate (may be the SuperLink's)")],
+    key: Annotated[Path, typer.Option(help="its private key")],
+    fleet: Annotated[str | None, typer.Option(help="host:port where SuperNodes connect")] = None,
+    device_ca: Annotated[Path | None, typer.Option(help="CA whose certificates the fleet listener admits")] = None,
+    control: Annotated[str | None, typer.Option(help="host:port for the operator's flwr CLI; none keeps the "
+                                                     "Control API on the server's loopback")] = None,
+    operator_ca: Annotated[Path | None, typer.Option(help="CA whose certificates the control listener admits")] = None,
+) -> None:
+    """Mutual TLS in front of a Flower SuperLink: devices' certificates reach the Fleet API only, operators'
+    the Control API only (see docs/deployment.md)."""
+    from fedpt.federation.mtls import Listener, run_gate
+
+    listeners = []
+    for api, address, ca, option in (("fleet", fleet, device_ca, "--device-ca"),
+                                     ("control", control, operator_ca, "--operator-ca")):
+        if address is not None:
+            if ca is None:
+                raise FedptError(f"--{api} needs {option}: the CA whose certificates that listener admits")
+            listeners.append(Listener(api, address, ca))
+    run_gate(superlink, superlink_ca, cert, key, listeners)
+
+
+@app.command()
 def train(
     config: Annotated[Path | None, typer.Option(help="run config (TOML); see configs/chatterbot.toml")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=5")] = None,

@@ -2,22 +2,17 @@
 project's thin app folder submitted with `flwr run`, one round on tiny models, judged by the run's final status."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+from flower_processes import BIN, flwr_json, free_ports, start, stop
 
 from fedpt import config as cfg
 from fedpt.federation.run_folder import read_metrics
 
-BIN = Path(sys.executable).parent
 APP = Path(__file__).parents[2] / "flower"
 
 
@@ -34,52 +29,6 @@ def test_app_folder_defaults_are_fedpts():
     walk(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     assert flat.pop("resume") is False
     assert cfg.from_flat(flat) == cfg.RunConfig()
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def env(home):
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec by name
-            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-
-
-def start(command, home, log):
-    home.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(command, env=env(home), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def stop(processes, timeout=15.0):
-    for p in processes:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.time() + timeout
-    for p in processes:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=5)
-
-
-def flwr_json(args, home):
-    """`flwr ... --format json`: it exits 0 even on errors, so the JSON's `success` is what counts."""
-    result = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), capture_output=True,
-                            text=True, timeout=180)
-    text = result.stdout[result.stdout.index("{"):]
-    return json.JSONDecoder().raw_decode(text)[0]
 
 
 @pytest.mark.slow
