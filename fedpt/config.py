@@ -1,7 +1,7 @@
 """The run configuration: the whole schema in one torch-free file, read from TOML, `--set` overrides, or
 Flower's flat run config.
 
-Sections: `[model]`, `[data]`, `[federation]`, `[tuning]`, `[distill]`, `[experiment]` (every key is in
+Sections: `[model]`, `[data]`, `[federation]`, `[privacy]`, `[tuning]`, `[distill]`, `[experiment]` (every key is in
 configs/chatterbot.toml). Flower's run config is the same tree flattened with dots ("tuning.lora_r"), with
 lists written as comma-separated text. Each section checks its own values and says what is wrong in one line.
 """
@@ -98,6 +98,38 @@ class FederationConfig:
 
     def clients_per_round(self) -> int:
         return max(1, round(self.fraction * self.clients))
+
+
+DP_MODES = ("off", "central", "local")
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (fedpt/federation/privacy.py): every client's update clipped to
+    `clip_norm`, Gaussian noise of std noise_multiplier x clip_norm added to their sum (central) or to each
+    update (local), and the (epsilon, delta) spent accounted after every round."""
+
+    dp: str = "off"  # "off", "central" (the server is trusted with updates, not the public with the model), "local"
+    clipping: str = "server"  # central DP: who clips, "server" or "client" (the client clips before sending)
+    clip_norm: float = 1.0  # L2 bound on a client's update (its weights minus the global weights)
+    noise_multiplier: float = 0.0  # noise std / clip_norm; 0 with a target_epsilon: calibrated to spend it
+    target_epsilon: float = 0.0  # the budget: the noise is calibrated to it, or the run stops before a round that
+    #                              would exceed it; 0: no budget
+    delta: float = 0.0  # 0: 1 / federation.clients
+
+    def __post_init__(self) -> None:
+        if self.dp not in DP_MODES:
+            raise FedptError(f"privacy.dp must be one of {', '.join(DP_MODES)}, got '{self.dp}'")
+        if self.clipping not in ("server", "client"):
+            raise FedptError(f"privacy.clipping must be 'server' or 'client', got '{self.clipping}'")
+        if self.dp != "off":
+            if not self.clip_norm > 0 or not (self.noise_multiplier >= 0 and self.target_epsilon >= 0):
+                raise FedptError("privacy.clip_norm must be > 0, noise_multiplier and target_epsilon >= 0")
+            if self.noise_multiplier == 0 and self.target_epsilon == 0:
+                raise FedptError("differential privacy needs privacy.noise_multiplier > 0 or a target_epsilon to "
+                                 "calibrate it to")
+        if not 0 <= self.delta < 1:
+            raise FedptError(f"privacy.delta must lie in [0, 1), got {self.delta}")
 
 
 @dataclass
@@ -197,9 +229,15 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=default_data)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     tuning: TuneConfig = field(default_factory=lambda: TuneConfig(learning_rate=5e-4, local_steps=8))
     distill: DistillConfig = field(default_factory=DistillConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+    def __post_init__(self) -> None:
+        if self.privacy.dp != "off" and self.federation.strategy not in ("fedavg", "fedprox"):
+            raise FedptError(f"differential privacy needs federation.strategy 'fedavg' or 'fedprox', not "
+                             f"'{self.federation.strategy}': its noise is calibrated to a mean of clipped updates")
 
     @property
     def score_max_length(self) -> int:
@@ -221,7 +259,8 @@ class RunConfig:
         return out
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "federation": FederationConfig, "tuning": TuneConfig,
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "federation": FederationConfig, "privacy": PrivacyConfig,
+            "tuning": TuneConfig,
             "distill": DistillConfig, "experiment": ExperimentConfig}
 LIST_FIELDS = {("data", "categories"), ("tuning", "target_modules"), ("experiment", "alphas"),
                ("experiment", "fusion_weights")}
@@ -322,7 +361,8 @@ def from_flat(flat: dict[str, Any]) -> RunConfig:
     return from_dict(tree, "run config")
 
 
-def replace(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
-    """A copy with some fields of some sections changed, e.g. replace(c, federation={"rounds": 5})."""
-    changes = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+def replace(config: RunConfig, **changes: Any) -> RunConfig:
+    """A copy with some fields of some sections changed, e.g. replace(c, federation={"rounds": 5}, seed=1)."""
+    changes = {name: dataclasses.replace(getattr(config, name), **value) if name in SECTIONS else value
+               for name, value in changes.items()}
     return dataclasses.replace(config, **changes)

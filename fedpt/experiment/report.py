@@ -185,6 +185,17 @@ def markdown(results: dict[str, Any], notes: str = "") -> str:
                   f"itself {_fmt(models['small_fedpt_distill']['nll'])} against {_fmt(models['small_fedpt']['nll'])}.",
                   ""]
     costs = results["costs"]
+    private = {name: c["privacy"] for name, c in costs.items() if isinstance(c, dict) and "privacy" in c}
+    if private:
+        lines += ["## Privacy spent", "",
+                  "Client-level differential privacy, accounted with an RDP accountant for m of N clients sampled "
+                  "without replacement each round (docs/privacy.md).", "",
+                  "| federation | DP | epsilon | delta | noise multiplier | clip norm | releases |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, p in private.items():
+            lines.append(f"| {name} | {p['dp']} | {_fmt(p['epsilon'])} | {p['delta']:.3g} | "
+                         f"{_fmt(p['noise_multiplier'])} | {_fmt(p['clip_norm'])} | {p['releases']} |")
+        lines.append("")
     lines += ["## What a device pays", "",
               "| per client and round | FedPT (small) | direct (large) | FedPT / direct |", "|---|---|---|---|"]
     for key, label, scale, unit in [

@@ -85,6 +85,7 @@ def costs_of(federation_folder: Path) -> dict[str, Any]:
         "server_seconds_per_round": float(np.mean([r["seconds"] for r in rounds])),
         "heldout_nll_per_round": [r["global"]["nll"] for r in rows],
         "train_loss_per_round": [float(np.mean([c["train_loss"] for c in r["clients"]])) for r in rounds],
+        **({"privacy": rounds[-1]["privacy"]} if rounds and "privacy" in rounds[-1] else {}),
     }
 
 

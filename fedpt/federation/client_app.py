@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fedpt.config import RunConfig, TuneConfig, from_dict, from_flat, replace
 from fedpt.data import Example, load_splits
 from fedpt.errors import FedptError
+from fedpt.federation.privacy import clipped, local_noise
 from fedpt.runtime import setup_process
 
 app = ClientApp()
@@ -87,9 +88,16 @@ def train_round(message: Message, context: Context) -> Message:
     tuning = replace(config, tuning={"proximal_mu": mu}).tuning
     pid, examples = client_examples(config, dict(context.node_config))
     model, tokenizer = trainable_model(config.model.small, json.dumps(config.to_dict()["tuning"], sort_keys=True))
-    set_trainable_state(model, {k: a.numpy() for k, a in message.content["arrays"].items()})
-    stats = train(model, tokenizer, examples, tuning, seed=round_seed(config.seed, server_round, pid))
+    sent = {k: a.numpy() for k, a in message.content["arrays"].items()}
+    set_trainable_state(model, sent)
+    seed = round_seed(config.seed, server_round, pid)
+    stats = train(model, tokenizer, examples, tuning, seed=seed)
     metrics = {"partition-id": pid, "num-examples": len(examples),
                **{k: float(v) for k, v in stats.items() if k != "examples"}}
-    arrays = ArrayRecord({k: Array(v) for k, v in trainable_state(model).items()})
+    weights = trainable_state(model)
+    if config.privacy.dp == "local":
+        weights = local_noise(weights, sent, config.privacy, seed)
+    elif config.privacy.dp == "central" and config.privacy.clipping == "client":
+        weights = clipped(weights, sent, config.privacy.clip_norm)
+    arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)

@@ -21,8 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedpt.config import RunConfig, from_flat
+from fedpt.config import RunConfig, from_flat, replace
 from fedpt.errors import FedptError, first_line
+from fedpt.federation import privacy as dp
+from fedpt.federation.client_app import round_seed
 from fedpt.federation.run_folder import LOG, METRICS, RunFolder, read_metrics
 from fedpt.federation.strategy import (
     build_strategy,
@@ -57,6 +59,7 @@ class Federation:
         self.config, self.grid, self.resume, self.after_round = config, grid, resume, after_round
         self.folder = RunFolder(config.out)
         self.console = Console(stderr=True)
+        self.accountant: dp.Accountant | None = None
 
     def run(self) -> Path:
         """Train the remaining rounds; return the final model folder."""
@@ -72,7 +75,8 @@ class Federation:
         heldout = load_splits(config.data)["test"][: fed.eval_examples or None]
         model, tokenizer, _ = load_model(config.model.small, dtype=config.tuning.dtype)
         model = make_trainable(model, config.tuning, seed=config.seed)
-        strategy = build_strategy(fed)
+        strategy = self._private(build_strategy(fed))
+        config = self.config
         after_round = self.after_round or make_distiller(config)
         if start:
             state, saved_strategy = self.folder.load_round(start)
@@ -86,6 +90,9 @@ class Federation:
         self.folder.claim(config, start)
         if self.folder.note:
             self._warn(self.folder.note)
+        if self.accountant and start:  # what the rounds kept so far have spent
+            released = [r for r in read_metrics(self.folder.out) if 0 < r["round"] <= start and "privacy" in r]
+            self.accountant.spend(released[-1]["privacy"]["releases"] if released else 0)
         handler = logging.FileHandler(self.folder.out / LOG, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -95,6 +102,46 @@ class Federation:
         finally:
             log.removeHandler(handler)
             handler.close()
+
+    def _private(self, strategy: Any) -> Any:
+        """With differential privacy: the noise multiplier fixed (calibrated to the target epsilon if asked) and the
+        accountant started; the strategy stays as it is (clipping and noise happen in `_aggregate`)."""
+        privacy, fed = self.config.privacy, self.config.federation
+        if privacy.dp == "off":
+            return strategy
+        z = dp.noise_multiplier(self.config.seed, privacy, fed)
+        self.config = replace(self.config, privacy={"noise_multiplier": z})  # the clients read z from the config
+        self.accountant = dp.Accountant(self.config.privacy, fed, z)
+        first = self.accountant.epsilon_after(dp.releases(self.config.seed, privacy, fed, 1))
+        if privacy.target_epsilon and first > privacy.target_epsilon:
+            raise FedptError(f"one round alone spends epsilon {first:.3g} > privacy.target_epsilon "
+                             f"{privacy.target_epsilon:g}: raise privacy.noise_multiplier (now {z:g}) or the target")
+        return strategy
+
+    def _budget_allows(self, server_round: int) -> bool:
+        """False when the round would take epsilon over privacy.target_epsilon (the run stops before it)."""
+        privacy = self.config.privacy
+        if not self.accountant or not privacy.target_epsilon:
+            return True
+        more = dp.releases(self.config.seed, privacy, self.config.federation, server_round) - self.accountant.rounds
+        after = self.accountant.epsilon_after(more)
+        if after <= privacy.target_epsilon:
+            return True
+        self._warn(f"round {server_round} would spend epsilon {after:.3g} > privacy.target_epsilon "
+                   f"{privacy.target_epsilon:g} (delta {self.accountant.delta:.3g}): the run stops after round "
+                   f"{server_round - 1}")
+        return False
+
+    def _spend(self, server_round: int, failed: str | None) -> dict[str, Any]:
+        """Account the round's release and return the metrics' privacy entry. Local DP releases each client's
+        noised update whatever the server does with it; central DP releases the aggregate only if it is kept."""
+        privacy, fed = self.config.privacy, self.config.federation
+        if self.accountant.local or not failed:
+            self.accountant.spend(dp.releases(self.config.seed, privacy, fed, server_round) - self.accountant.rounds
+                                  if self.accountant.local else 1)
+        return {"dp": privacy.dp, "epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
+                "noise_multiplier": self.accountant.noise_multiplier, "clip_norm": privacy.clip_norm,
+                "releases": self.accountant.rounds}
 
     def _check_saved(self, saved: dict[str, np.ndarray], fresh: dict[str, np.ndarray], server_round: int) -> None:
         """A resumed run must fit the weights it resumes (a changed LoRA rank or target would not)."""
@@ -115,6 +162,8 @@ class Federation:
                       console=self.console, transient=True) as progress:
             rounds = progress.add_task("rounds", total=fed.rounds, completed=start)
             for server_round in range(start + 1, fed.rounds + 1):
+                if not self._budget_allows(server_round):
+                    break
                 started = time.time()
                 chosen = sample_clients(config.seed, server_round, fed.clients, fed.clients_per_round())
                 wanted = {nodes[pid]: pid for pid in chosen}
@@ -133,7 +182,11 @@ class Federation:
                         accepted[pid] = reply
                     else:
                         rejected.append({"partition-id": pid, "reason": reason})
-                for pid, reason in norm_outliers(norms, fed.max_norm_ratio, fed.max_update_norm).items():
+                # with DP, clipping bounds every update instead: a rejection that depends on the other clients'
+                # updates would leak them
+                outliers = self._over_clip_norm(norms) if self.accountant else \
+                    norm_outliers(norms, fed.max_norm_ratio, fed.max_update_norm)
+                for pid, reason in outliers.items():
                     del accepted[pid]
                     rejected.append({"partition-id": pid, "reason": reason})
                 for item in rejected:
@@ -144,7 +197,7 @@ class Federation:
                     clients.append({**dict(reply.content["metrics"]), "partition-id": pid, "update_norm": norms[pid],
                                     "bytes_down": arrays.count_bytes(),
                                     "bytes_up": reply.content["arrays"].count_bytes()})
-                new_state, failed = self._aggregate(strategy, server_round, accepted)
+                new_state, failed = self._aggregate(strategy, server_round, accepted, state)
                 if failed:
                     self._warn(f"round {server_round} failed: {failed}; the global model stays")
                 else:
@@ -158,21 +211,37 @@ class Federation:
                     "round": server_round, "seconds": time.time() - started, "global": score(),
                     "clients": sorted(clients, key=lambda c: c["partition-id"]), "rejected": rejected,
                     "distilled": distilled, **({"failed": failed} if failed else {}),
+                    **({"privacy": self._spend(server_round, failed)} if self.accountant else {}),
                 })
                 self.folder.mark_done(server_round)
                 progress.advance(rounds)
         self._check_trained()
-        return self.folder.write_final(fed.rounds)
+        last = max([r["round"] for r in read_metrics(self.folder.out)])
+        return self.folder.write_final(last)
 
-    def _aggregate(self, strategy: Any, server_round: int,
-                   accepted: dict[int, Message]) -> tuple[dict[str, np.ndarray], str | None]:
+    def _over_clip_norm(self, norms: dict[int, float]) -> dict[int, str]:
+        """Central DP with client-side clipping: an update over the clip norm broke the protocol."""
+        privacy = self.config.privacy
+        if privacy.dp != "central" or privacy.clipping != "client":
+            return {}
+        return {pid: f"update norm {norm:.3g} is over privacy.clip_norm {privacy.clip_norm:g} (the client did not "
+                     "clip)" for pid, norm in norms.items() if norm > privacy.clip_norm * (1 + 1e-4)}
+
+    def _aggregate(self, strategy: Any, server_round: int, accepted: dict[int, Message],
+                   state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str | None]:
         """(new global weights, None), or (empty, why the round failed): too few updates, the strategy refused
-        them, or their aggregate is not finite. A failed round never replaces the global model."""
-        minimum = self.config.federation.min_clients
-        if len(accepted) < minimum:
-            return {}, f"{len(accepted)} update(s) accepted, federation.min_clients is {minimum}"
+        them, or their aggregate is not finite. A failed round never replaces the global model. With central DP:
+        updates clipped, averaged with equal weights, and noised (fedpt.federation.privacy)."""
+        privacy, fed = self.config.privacy, self.config.federation
+        if len(accepted) < fed.min_clients:
+            return {}, f"{len(accepted)} update(s) accepted, federation.min_clients is {fed.min_clients}"
+        central = privacy.dp == "central"
         # a fixed summation order (by partition): a resumed run is bit-identical to an uninterrupted one
-        replies = [clean_reply(accepted[pid]) for pid in sorted(accepted)]
+        replies = [clean_reply(accepted[pid], uniform=central) for pid in sorted(accepted)]
+        if central:
+            for reply in replies:
+                weights = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+                reply.content["arrays"] = to_record(dp.clipped(weights, state, privacy.clip_norm))
         try:
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
         except Exception as e:  # Flower's strategies raise their own types (and AppExitException subclasses)
@@ -180,6 +249,9 @@ class Federation:
         if new_arrays is None:
             return {}, "the strategy returned no aggregate"
         state = {k: np.asarray(a.numpy(), dtype=np.float32) for k, a in new_arrays.items()}
+        if central:
+            state = dp.add_noise(state, self.accountant.noise_multiplier, privacy.clip_norm, fed.clients_per_round(),
+                                 round_seed(self.config.seed, server_round, -1))
         bad = next((k for k, v in state.items() if not np.isfinite(v).all()), None)
         if bad is not None:
             return {}, f"the aggregate of {bad} is not finite"
@@ -203,8 +275,10 @@ class Federation:
     def _record(self, row: dict[str, Any]) -> None:
         """Append a round's row to metrics.jsonl and show its held-out loss."""
         self.folder.append_metrics(row)
+        privacy = row.get("privacy")
         self.console.print(f"round {row['round']}: held-out NLL {row['global']['nll']:.4f}"
-                           + (f", {len(row['clients'])} clients" if row["round"] else ""))
+                           + (f", {len(row['clients'])} clients" if row["round"] else "")
+                           + (f", epsilon {privacy['epsilon']:.3g} (delta {privacy['delta']:.2g})" if privacy else ""))
 
     def _discover(self) -> dict[int, tuple[int, int]]:
         """Partition id -> (node id, examples it holds), asked of every connected node (node ids are random,

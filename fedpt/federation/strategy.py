@@ -112,10 +112,11 @@ def norm_outliers(norms: dict[int, float], ratio: float, bound: float) -> dict[i
     return reasons
 
 
-def clean_reply(reply: Message) -> Message:
+def clean_reply(reply: Message, uniform: bool = False) -> Message:
     """What the strategy aggregates of a checked reply: its weights and example count only, so that a client's
-    extra or missing metric keys cannot make Flower refuse the whole round (InconsistentMessageReplies)."""
-    examples = reply.content["metrics"]["num-examples"]
+    extra or missing metric keys cannot make Flower refuse the whole round (InconsistentMessageReplies).
+    `uniform` weighs every client alike (the example count becomes 1)."""
+    examples = 1 if uniform else reply.content["metrics"]["num-examples"]
     content = RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord({"num-examples": examples})})
     return Message(content, dst_node_id=reply.metadata.src_node_id, message_type=MessageType.TRAIN)
 

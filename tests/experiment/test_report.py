@@ -44,3 +44,14 @@ def test_report_errors(cli, tmp_path):
     (tmp_path / "results.json").write_text("{}")
     code, _, err = cli("report", tmp_path)
     assert code == 2 and "not a fedpt experiment result" in err
+
+
+def test_the_privacy_spent_is_in_the_report(tmp_path):
+    from fedpt.experiment.report import markdown
+
+    results = json.loads((DATA / "results-small.json").read_text())
+    assert "## Privacy spent" not in markdown(results)
+    results["costs"]["fedpt"]["privacy"] = {"dp": "central", "epsilon": 7.5, "delta": 0.25, "noise_multiplier": 1.2,
+                                            "clip_norm": 0.1, "releases": 3}
+    report = markdown(results)
+    assert "## Privacy spent" in report and "| fedpt | central | 7.500 | 0.25 | 1.200 | 0.100 | 3 |" in report
