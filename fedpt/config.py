@@ -116,6 +116,11 @@ class PrivacyConfig:
     target_epsilon: float = 0.0  # the budget: the noise is calibrated to it, or the run stops before a round that
     #                              would exceed it; 0: no budget
     delta: float = 0.0  # 0: 1 / federation.clients
+    secagg: bool = False  # SecAgg+ (fedpt/federation/secagg.py): the server sees only the round's mean update
+    secagg_range: float = 1.0  # an update's coordinates are clipped to +-this, then quantised
+    secagg_levels: int = 4194304  # quantisation levels over that range (2^22, Flower's default)
+    secagg_shares: float = 1.0  # share of the round's clients each client's key shares go to
+    secagg_threshold: float = 0.5  # share of those shares that rebuilds a dropped client's mask
 
     def __post_init__(self) -> None:
         if self.dp not in DP_MODES:
@@ -130,6 +135,10 @@ class PrivacyConfig:
                                  "calibrate it to")
         if not 0 <= self.delta < 1:
             raise FedptError(f"privacy.delta must lie in [0, 1), got {self.delta}")
+        if not self.secagg_range > 0 or not 1 < self.secagg_levels < 2**31:
+            raise FedptError("privacy.secagg_range must be > 0 and secagg_levels in 2..2^31")
+        if not (0 < self.secagg_shares <= 1 and 0 < self.secagg_threshold <= 1):
+            raise FedptError("privacy.secagg_shares and secagg_threshold are shares: they lie in (0, 1]")
 
 
 @dataclass
@@ -235,9 +244,19 @@ class RunConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def __post_init__(self) -> None:
-        if self.privacy.dp != "off" and self.federation.strategy not in ("fedavg", "fedprox"):
+        privacy, fed = self.privacy, self.federation
+        if privacy.dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
             raise FedptError(f"differential privacy needs federation.strategy 'fedavg' or 'fedprox', not "
-                             f"'{self.federation.strategy}': its noise is calibrated to a mean of clipped updates")
+                             f"'{fed.strategy}': its noise is calibrated to a mean of clipped updates")
+        if privacy.secagg:
+            if fed.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+                raise FedptError(f"secure aggregation gives the server only the mean update; strategy "
+                                 f"'{fed.strategy}' needs each client's update")
+            if privacy.dp == "central" and privacy.clipping != "client":
+                raise FedptError("with privacy.secagg the server cannot clip updates it cannot see: set "
+                                 "privacy.clipping = 'client'")
+            if fed.clients_per_round() < 2:
+                raise FedptError("secure aggregation needs at least 2 clients per round")
 
     @property
     def score_max_length(self) -> int:

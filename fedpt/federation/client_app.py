@@ -19,9 +19,10 @@ from fedpt.config import RunConfig, TuneConfig, from_dict, from_flat, replace
 from fedpt.data import Example, load_splits
 from fedpt.errors import FedptError
 from fedpt.federation.privacy import clipped, local_noise
+from fedpt.federation.secagg import secagg_mod
 from fedpt.runtime import setup_process
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -65,7 +66,7 @@ def trainable_model(small: str, tuning_key: str) -> tuple[Any, Any]:
 
 
 def _config(message: Message) -> RunConfig:
-    return from_flat({k: v for k, v in message.content["config"].items() if "." in k or k in ("seed", "out")})
+    return _config_of(dict(message.content["config"]))
 
 
 @app.query()
@@ -79,16 +80,52 @@ def describe(message: Message, context: Context) -> Message:
 
 @app.train()
 def train_round(message: Message, context: Context) -> Message:
-    from fedpt.tuning.local import set_trainable_state, train, trainable_state
+    """Train on this node's data from the weights sent; reply with the new weights, or with the update in SecAgg+
+    rounds (which arrive in Flower's legacy FitIns form, through `secagg_mod`)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
 
     setup_process()
-    config = _config(message)
-    server_round = int(message.content["config"]["server-round"])
-    mu = float(message.content["config"].get("proximal-mu", 0.0))  # sent by Flower's FedProx
+    if "fitins.config" not in message.content.config_records:
+        flat = dict(message.content["config"])
+        sent = {k: a.numpy() for k, a in message.content["arrays"].items()}
+        weights, metrics = _train(flat, sent, context)
+        arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    flat = dict(fitins.config)
+    keys = _trainable_keys(flat)
+    sent = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    weights, metrics = _train(flat, sent, context)
+    update = [weights[k] - sent[k] for k in keys]
+    # the protocol weighs the mean by this count: 1 each when the mean must be unweighted (central DP)
+    weight = 1 if _config_of(flat).privacy.dp == "central" else int(metrics["num-examples"])
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
+
+
+def _config_of(flat: dict[str, Any]) -> RunConfig:
+    return from_flat({k: v for k, v in flat.items() if "." in k or k in ("seed", "out")})
+
+
+def _trainable_keys(flat: dict[str, Any]) -> list[str]:
+    from fedpt.tuning.local import trainable_state
+
+    config = _config_of(flat)
+    model, _ = trainable_model(config.model.small, json.dumps(config.to_dict()["tuning"], sort_keys=True))
+    return list(trainable_state(model))
+
+
+def _train(flat: dict[str, Any], sent: dict[str, Any], context: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(weights to send, metrics): local training from `sent`, then the privacy the config asks of the client."""
+    from fedpt.tuning.local import set_trainable_state, train, trainable_state
+
+    config = _config_of(flat)
+    server_round = int(flat["server-round"])
+    mu = float(flat.get("proximal-mu", config.federation.proximal_mu))  # Flower's FedProx sends it
     tuning = replace(config, tuning={"proximal_mu": mu}).tuning
     pid, examples = client_examples(config, dict(context.node_config))
     model, tokenizer = trainable_model(config.model.small, json.dumps(config.to_dict()["tuning"], sort_keys=True))
-    sent = {k: a.numpy() for k, a in message.content["arrays"].items()}
     set_trainable_state(model, sent)
     seed = round_seed(config.seed, server_round, pid)
     stats = train(model, tokenizer, examples, tuning, seed=seed)
@@ -99,5 +136,4 @@ def train_round(message: Message, context: Context) -> Message:
         weights = local_noise(weights, sent, config.privacy, seed)
     elif config.privacy.dp == "central" and config.privacy.clipping == "client":
         weights = clipped(weights, sent, config.privacy.clip_norm)
-    arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+    return weights, metrics

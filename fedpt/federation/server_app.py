@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -169,35 +169,14 @@ class Federation:
                 wanted = {nodes[pid]: pid for pid in chosen}
                 arrays = to_record(state)
                 messages = strategy.configure_train(server_round, arrays, ConfigRecord(config.flat()), self.grid)
-                messages = [m for m in messages if m.metadata.dst_node_id in wanted]
-                replies = self._send(messages, progress, f"round {server_round}: clients")
-                accepted, rejected, clients, norms = {}, [], [], {}
-                for reply in replies:
-                    pid = wanted.get(reply.metadata.src_node_id, -1)
-                    if reply.has_error():
-                        log.warning("round %d: client %d failed:\n%s", server_round, pid, reply.error.reason)
-                    reason = check_update(reply, state, sizes.get(pid, 0))
-                    if reason is None:
-                        norms[pid] = update_norm(reply.content["arrays"], state)
-                        accepted[pid] = reply
-                    else:
-                        rejected.append({"partition-id": pid, "reason": reason})
-                # with DP, clipping bounds every update instead: a rejection that depends on the other clients'
-                # updates would leak them
-                outliers = self._over_clip_norm(norms) if self.accountant else \
-                    norm_outliers(norms, fed.max_norm_ratio, fed.max_update_norm)
-                for pid, reason in outliers.items():
-                    del accepted[pid]
-                    rejected.append({"partition-id": pid, "reason": reason})
+                collect = self._collect_secure if config.privacy.secagg else self._collect
+                accepted, rejected, clients, failed = collect(server_round, messages, wanted, state, sizes, progress)
                 for item in rejected:
                     where = f" (details in {self.folder.out / LOG})" if item["reason"].startswith("client failed") \
                         else ""
                     self._warn(f"round {server_round}: rejected client {item['partition-id']}: {item['reason']}{where}")
-                for pid, reply in accepted.items():
-                    clients.append({**dict(reply.content["metrics"]), "partition-id": pid, "update_norm": norms[pid],
-                                    "bytes_down": arrays.count_bytes(),
-                                    "bytes_up": reply.content["arrays"].count_bytes()})
-                new_state, failed = self._aggregate(strategy, server_round, accepted, state)
+                new_state, failed = ({}, failed) if failed else self._aggregate(strategy, server_round, accepted,
+                                                                                  state)
                 if failed:
                     self._warn(f"round {server_round} failed: {failed}; the global model stays")
                 else:
@@ -219,6 +198,79 @@ class Federation:
         last = max([r["round"] for r in read_metrics(self.folder.out)])
         return self.folder.write_final(last)
 
+    def _collect(self, server_round: int, messages: list[Message], wanted: dict[int, int],
+                 state: dict[str, np.ndarray], sizes: dict[int, int], progress: Progress) -> tuple:
+        """(accepted replies by partition, rejected, client rows, None): each update checked on its own."""
+        fed = self.config.federation
+        messages = [m for m in messages if m.metadata.dst_node_id in wanted]
+        replies = self._send(messages, progress, f"round {server_round}: clients")
+        accepted, rejected, norms = {}, [], {}
+        for reply in replies:
+            pid = wanted.get(reply.metadata.src_node_id, -1)
+            if reply.has_error():
+                log.warning("round %d: client %d failed:\n%s", server_round, pid, reply.error.reason)
+            reason = check_update(reply, state, sizes.get(pid, 0))
+            if reason is None:
+                norms[pid] = update_norm(reply.content["arrays"], state)
+                accepted[pid] = reply
+            else:
+                rejected.append({"partition-id": pid, "reason": reason})
+        # with DP, clipping bounds every update instead: a rejection that depends on the other clients' updates
+        # would leak them
+        outliers = self._over_clip_norm(norms) if self.accountant else \
+            norm_outliers(norms, fed.max_norm_ratio, fed.max_update_norm)
+        for pid, reason in outliers.items():
+            del accepted[pid]
+            rejected.append({"partition-id": pid, "reason": reason})
+        bytes_down = to_record(state).count_bytes()
+        clients = [{**dict(reply.content["metrics"]), "partition-id": pid, "update_norm": norms[pid],
+                    "bytes_down": bytes_down, "bytes_up": reply.content["arrays"].count_bytes()}
+                   for pid, reply in accepted.items()]
+        return accepted, rejected, clients, None
+
+    def _collect_secure(self, server_round: int, messages: list[Message], wanted: dict[int, int],
+                        state: dict[str, np.ndarray], sizes: dict[int, int], progress: Progress) -> tuple:
+        """SecAgg+ (fedpt/federation/secagg.py): the mean update as one reply, or why the round failed. What can
+        be checked without seeing an update is: the example counts and metrics each client sent in the clear,
+        enough survivors, and the mean's finiteness and norm."""
+        from fedpt.federation.secagg import masked_bytes, secure_round
+
+        privacy, fed = self.config.privacy, self.config.federation
+        central = privacy.dp == "central"
+        with task(progress, f"round {server_round}: SecAgg+", 1) as advance:
+            result = secure_round(self.grid, self.config, server_round, sorted(wanted, key=wanted.get), state,
+                                  max_weight=1.0 if central else float(max(sizes.values())))
+            advance(1)
+        rejected = [{"partition-id": -1, "reason": f"client failed: {client_error(f)}"} for f in result.failures]
+        for failure in result.failures:
+            log.warning("round %d: a SecAgg+ client failed:\n%s", server_round, failure)
+        clients, problems = [], []
+        for node, metrics in result.clients.items():
+            pid = wanted.get(node, -1)
+            examples, limit = metrics.get("num-examples"), (1 if central else sizes.get(pid, 0))
+            if not isinstance(examples, int | float) or not 0 < examples <= limit:
+                problems.append(f"client {pid} reported weight {examples!r}, its limit is {limit}")
+            if any(not isinstance(v, int | float) or not math.isfinite(v) for v in metrics.values()):
+                problems.append(f"client {pid} sent a metric that is not a finite number")
+            clients.append({**metrics, "partition-id": pid, "bytes_down": to_record(state).count_bytes(),
+                            "bytes_up": masked_bytes(state)})
+        if result.mean_update is None:
+            return {}, rejected, [], "; ".join(result.failures) or "SecAgg+ halted"
+        if len(clients) < fed.min_clients:
+            return {}, rejected, clients, f"{len(clients)} client(s) survived SecAgg+, federation.min_clients is " \
+                                          f"{fed.min_clients}"
+        if problems:  # the masked mean already holds that client: the whole round goes
+            return {}, rejected, clients, "; ".join(problems) + " (the masked mean included it)"
+        norm = float(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in result.mean_update.values())))
+        bound = privacy.clip_norm if central else fed.max_update_norm
+        step = 2 * privacy.secagg_range / privacy.secagg_levels * math.sqrt(sum(v.size for v in state.values()))
+        if bound and norm > bound + step:  # the mean of updates clipped to C has norm <= C, up to the rounding
+            return {}, rejected, clients, f"the mean update's norm {norm:.3g} is over {bound:g}: a client did not " \
+                                          "clip its update"
+        mean = {k: state[k] + result.mean_update[k] for k in state}
+        content = RecordDict({"arrays": to_record(mean), "metrics": MetricRecord({"num-examples": 1})})
+        return {0: Message(content, dst_node_id=0, message_type=MessageType.TRAIN)}, rejected, clients, None
+
     def _over_clip_norm(self, norms: dict[int, float]) -> dict[int, str]:
         """Central DP with client-side clipping: an update over the clip norm broke the protocol."""
         privacy = self.config.privacy
@@ -233,7 +285,7 @@ class Federation:
         them, or their aggregate is not finite. A failed round never replaces the global model. With central DP:
         updates clipped, averaged with equal weights, and noised (fedpt.federation.privacy)."""
         privacy, fed = self.config.privacy, self.config.federation
-        if len(accepted) < fed.min_clients:
+        if len(accepted) < fed.min_clients and not privacy.secagg:  # SecAgg+ counted its survivors already
             return {}, f"{len(accepted)} update(s) accepted, federation.min_clients is {fed.min_clients}"
         central = privacy.dp == "central"
         # a fixed summation order (by partition): a resumed run is bit-identical to an uninterrupted one
