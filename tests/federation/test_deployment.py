@@ -32,7 +32,10 @@ def test_app_folder_defaults_are_fedpts():
 
 
 @pytest.mark.slow
-def test_superlink_and_two_supernodes_complete_a_round(tiny, tmp_path):
+@pytest.mark.parametrize("protection", ["", 'privacy.secagg=true privacy.dp="central" privacy.clipping="client" '
+                                            'privacy.clip_norm=0.1 privacy.noise_multiplier=0.5'],
+                         ids=["plain", "secagg-and-dp"])
+def test_superlink_and_two_supernodes_complete_a_round(tiny, tmp_path, protection):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"what is your name {i}", "response": f"my name is fedpt {i}"})
                             + "\n" for i in range(24)))
@@ -66,7 +69,7 @@ def test_superlink_and_two_supernodes_complete_a_round(tiny, tmp_path):
         overrides = (f'out="{out}" model.small="{tiny["small"]}" data.source="{data}" federation.clients=2 '
                      'federation.rounds=1 federation.partition="iid" federation.eval_examples=2 '
                      'tuning.dtype="float32" tuning.local_steps=2 tuning.batch_size=2 tuning.max_length=32 '
-                     'data.test_percent=20')
+                     f'data.test_percent=20 {protection}')
         submitted = flwr_json(["run", str(APP), "local", "--run-config", overrides], cli)
         assert submitted.get("success"), submitted
         run_id = submitted["run-id"]
@@ -86,5 +89,8 @@ def test_superlink_and_two_supernodes_complete_a_round(tiny, tmp_path):
         assert [r["round"] for r in rows] == [0, 1]
         assert [c["partition-id"] for c in rows[1]["clients"]] == [0, 1]
         assert (out / "final" / "adapter_config.json").is_file()
+        if protection:  # SecAgg+ and DP ran over the network too: masked vectors sent, epsilon accounted
+            assert "failed" not in rows[1] and rows[1]["privacy"]["epsilon"] > 0
+            assert all(c["bytes_up"] > c["bytes_down"] for c in rows[1]["clients"])  # int64 masked, not float32
     finally:
         stop(processes)
