@@ -158,3 +158,19 @@ def test_a_federation_accounts_every_round_and_stops_at_its_budget(tiny_run, tmp
     with pytest.raises(FedptError, match="one round alone spends epsilon"):
         simulate(too_tight)
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_local_dp_clients_send_clipped_noised_updates(tiny_run, tmp_path):
+    from fedpt.federation.simulation import simulate
+
+    run = tiny_run(tmp_path / "run", federation={"clients": 3, "rounds": 1, "eval_examples": 2, "client_cpus": 1},
+                   privacy={"dp": "local", "clip_norm": 0.01, "noise_multiplier": 0.5})
+    simulate(run)
+    row = read_metrics(tmp_path / "run")[1]
+    assert not row["rejected"] and row["privacy"]["dp"] == "local" and row["privacy"]["releases"] == 1
+    # each update: clipped to 0.01, plus noise of std 0.005 on every coordinate, so its norm is about
+    # 0.005 * sqrt(coordinates) (>> 0.01), and the same for every client
+    coordinates = sum(v.size for v in np.load(tmp_path / "run" / "round-1" / "state.npz").values())
+    for client in row["clients"]:
+        assert client["update_norm"] == pytest.approx(0.005 * math.sqrt(coordinates), rel=0.05)
