@@ -59,3 +59,18 @@ def flwr_json(args, home, program="flwr"):
         return {"success": False, "returncode": result.returncode, "stderr": result.stderr[-2000:]}
     text = result.stdout[result.stdout.index("{"):]
     return json.JSONDecoder().raw_decode(text)[0]
+
+
+def wait_for_run(run_id, connection, home, watched, program="flwr", flags=(), timeout=300):
+    """Poll `flwr ls` until the run finishes (every watched process must stay alive); return (status, run row)."""
+    deadline = time.time() + timeout
+    while True:
+        for p in watched:
+            assert p.poll() is None, f"{p.args[0]} died"
+        listed = flwr_json([*flags, "ls", connection, "--run-id", run_id], home, program=program)
+        assert listed.get("success"), listed
+        run = listed["runs"][0]
+        if run["status"].startswith("finished"):
+            return run["status"], run
+        assert time.time() < deadline, f"run {run_id} still {run['status']}"
+        time.sleep(2)

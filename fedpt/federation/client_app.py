@@ -89,17 +89,18 @@ def train_round(message: Message, context: Context) -> Message:
     if "fitins.config" not in message.content.config_records:
         flat = dict(message.content["config"])
         sent = {k: a.numpy() for k, a in message.content["arrays"].items()}
-        weights, metrics = _train(flat, sent, context)
+        weights, metrics = _train(_config_of(flat), flat, sent, context)
         arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
         return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     flat = dict(fitins.config)
-    keys = _trainable_keys(flat)
+    config = _config_of(flat)
+    keys = _trainable_keys(config)
     sent = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
-    weights, metrics = _train(flat, sent, context)
+    weights, metrics = _train(config, flat, sent, context)
     update = [weights[k] - sent[k] for k in keys]
     # the protocol weighs the mean by this count: 1 each when the mean must be unweighted (central DP)
-    weight = 1 if _config_of(flat).privacy.dp == "central" else int(metrics["num-examples"])
+    weight = 1 if config.privacy.dp == "central" else int(metrics["num-examples"])
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
@@ -108,19 +109,19 @@ def _config_of(flat: dict[str, Any]) -> RunConfig:
     return from_flat({k: v for k, v in flat.items() if "." in k or k in ("seed", "out")})
 
 
-def _trainable_keys(flat: dict[str, Any]) -> list[str]:
+def _trainable_keys(config: RunConfig) -> list[str]:
     from fedpt.tuning.local import trainable_state
 
-    config = _config_of(flat)
     model, _ = trainable_model(config.model.small, json.dumps(config.to_dict()["tuning"], sort_keys=True))
     return list(trainable_state(model))
 
 
-def _train(flat: dict[str, Any], sent: dict[str, Any], context: Context) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(weights to send, metrics): local training from `sent`, then the privacy the config asks of the client."""
+def _train(config: RunConfig, flat: dict[str, Any], sent: dict[str, Any],
+           context: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(weights to send, metrics): local training from `sent`, then the privacy the config asks of the client.
+    `flat` is the message's config, for what Flower's strategies add to it (the round, FedProx's mu)."""
     from fedpt.tuning.local import set_trainable_state, train, trainable_state
 
-    config = _config_of(flat)
     server_round = int(flat["server-round"])
     mu = float(flat.get("proximal-mu", config.federation.proximal_mu))  # Flower's FedProx sends it
     tuning = replace(config, tuning={"proximal_mu": mu}).tuning

@@ -18,8 +18,6 @@ server knows who took part): each client composes one Gaussian release, again z/
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from fedpt.config import FederationConfig, PrivacyConfig
@@ -127,7 +125,9 @@ def add_noise(state: dict[str, np.ndarray], z: float, clip_norm: float, m: int, 
 
 def clip(update: dict[str, np.ndarray], clip_norm: float) -> dict[str, np.ndarray]:
     """The update scaled to L2 norm at most `clip_norm` over all tensors (Flower's flat clipping)."""
-    norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in update.values()))
+    from fedpt.federation.strategy import l2_norm
+
+    norm = l2_norm(update)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: (v * scale).astype(v.dtype) for k, v in update.items()}
 

@@ -48,8 +48,10 @@ def _one_round_strategy(nodes: list[int], global_state: dict[str, np.ndarray], c
     class OneRound(Strategy):
         """Train messages for fedpt's chosen nodes; keeps what the protocol unmasked."""
 
-        results: list = []
-        failures: list = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.results: list = []
+            self.failures: list = []
 
         def initialize_parameters(self, client_manager):
             return None

@@ -31,6 +31,8 @@ from fedpt.federation.strategy import (
     check_update,
     clean_reply,
     client_error,
+    finite_number,
+    l2_norm,
     norm_outliers,
     restore_strategy_state,
     sample_clients,
@@ -170,7 +172,8 @@ class Federation:
                 arrays = to_record(state)
                 messages = strategy.configure_train(server_round, arrays, ConfigRecord(config.flat()), self.grid)
                 collect = self._collect_secure if config.privacy.secagg else self._collect
-                accepted, rejected, clients, failed = collect(server_round, messages, wanted, state, sizes, progress)
+                accepted, rejected, clients, failed = collect(server_round, messages, wanted, state, sizes, progress,
+                                                              arrays.count_bytes())
                 for item in rejected:
                     where = f" (details in {self.folder.out / LOG})" if item["reason"].startswith("client failed") \
                         else ""
@@ -199,7 +202,7 @@ class Federation:
         return self.folder.write_final(last)
 
     def _collect(self, server_round: int, messages: list[Message], wanted: dict[int, int],
-                 state: dict[str, np.ndarray], sizes: dict[int, int], progress: Progress) -> tuple:
+                 state: dict[str, np.ndarray], sizes: dict[int, int], progress: Progress, bytes_down: int) -> tuple:
         """(accepted replies by partition, rejected, client rows, None): each update checked on its own."""
         fed = self.config.federation
         messages = [m for m in messages if m.metadata.dst_node_id in wanted]
@@ -222,14 +225,14 @@ class Federation:
         for pid, reason in outliers.items():
             del accepted[pid]
             rejected.append({"partition-id": pid, "reason": reason})
-        bytes_down = to_record(state).count_bytes()
         clients = [{**dict(reply.content["metrics"]), "partition-id": pid, "update_norm": norms[pid],
                     "bytes_down": bytes_down, "bytes_up": reply.content["arrays"].count_bytes()}
                    for pid, reply in accepted.items()]
         return accepted, rejected, clients, None
 
     def _collect_secure(self, server_round: int, messages: list[Message], wanted: dict[int, int],
-                        state: dict[str, np.ndarray], sizes: dict[int, int], progress: Progress) -> tuple:
+                        state: dict[str, np.ndarray], sizes: dict[int, int], progress: Progress,
+                        bytes_down: int) -> tuple:
         """SecAgg+ (fedpt/federation/secagg.py): the mean update as one reply, or why the round failed. What can
         be checked without seeing an update is: the example counts and metrics each client sent in the clear,
         enough survivors, and the mean's finiteness and norm."""
@@ -248,12 +251,11 @@ class Federation:
         for node, metrics in result.clients.items():
             pid = wanted.get(node, -1)
             examples, limit = metrics.get("num-examples"), (1 if central else sizes.get(pid, 0))
-            if not isinstance(examples, int | float) or not 0 < examples <= limit:
+            if not finite_number(examples) or not 0 < examples <= limit:
                 problems.append(f"client {pid} reported weight {examples!r}, its limit is {limit}")
-            if any(not isinstance(v, int | float) or not math.isfinite(v) for v in metrics.values()):
+            if not all(finite_number(v) for v in metrics.values()):
                 problems.append(f"client {pid} sent a metric that is not a finite number")
-            clients.append({**metrics, "partition-id": pid, "bytes_down": to_record(state).count_bytes(),
-                            "bytes_up": masked_bytes(state)})
+            clients.append({**metrics, "partition-id": pid, "bytes_down": bytes_down, "bytes_up": masked_bytes(state)})
         if result.mean_update is None:
             return {}, rejected, [], "; ".join(result.failures) or "SecAgg+ halted"
         if len(clients) < fed.min_clients:
@@ -261,7 +263,7 @@ class Federation:
                                           f"{fed.min_clients}"
         if problems:  # the masked mean already holds that client: the whole round goes
             return {}, rejected, clients, "; ".join(problems) + " (the masked mean included it)"
-        norm = float(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in result.mean_update.values())))
+        norm = l2_norm(result.mean_update)
         bound = privacy.clip_norm if central else fed.max_update_norm
         step = 2 * privacy.secagg_range / privacy.secagg_levels * math.sqrt(sum(v.size for v in state.values()))
         if bound and norm > bound + step:  # the mean of updates clipped to C has norm <= C, up to the rounding

@@ -69,17 +69,18 @@ def check_update(reply: Message, expected: dict[str, np.ndarray], max_examples: 
         if not np.isfinite(value).all():
             return f"weight {key} has NaN or inf values"
     examples = content["metrics"].get("num-examples")
-    if not _finite_number(examples) or examples <= 0:
+    if not finite_number(examples) or examples <= 0:
         return f"num-examples must be a finite positive number, got {examples!r}"
     if examples > max_examples:
         return f"num-examples {examples:g} is more than the {max_examples:g} examples its partition holds"
     for key, value in content["metrics"].items():  # extra keys are fine (they are not aggregated); odd values not
-        if not _finite_number(value):
+        if not finite_number(value):
             return f"metric {key!r} is not a finite number"
     return None
 
 
-def _finite_number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -93,10 +94,14 @@ def client_error(reason: str) -> str:
     return first_line(Exception(text))
 
 
+def l2_norm(tensors: dict[str, np.ndarray]) -> float:
+    """The L2 norm over all tensors together, in float64."""
+    return math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in tensors.values()))
+
+
 def update_norm(arrays: Any, global_state: dict[str, np.ndarray]) -> float:
     """How far an update moves the model: the L2 norm of (client weights - global weights) over all tensors."""
-    return math.sqrt(sum(float(np.sum((arrays[k].numpy().astype(np.float64) - v) ** 2))
-                         for k, v in global_state.items()))
+    return l2_norm({k: arrays[k].numpy().astype(np.float64) - v for k, v in global_state.items()})
 
 
 def norm_outliers(norms: dict[int, float], ratio: float, bound: float) -> dict[int, str]:

@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from flower_processes import BIN, flwr_json, free_ports, start, stop
+from flower_processes import BIN, flwr_json, free_ports, start, stop, wait_for_run
 
 from fedpt import config as cfg
 from fedpt.federation.run_folder import read_metrics
@@ -72,19 +72,8 @@ def test_superlink_and_two_supernodes_complete_a_round(tiny, tmp_path, protectio
                      f'data.test_percent=20 {protection}')
         submitted = flwr_json(["run", str(APP), "local", "--run-config", overrides], cli)
         assert submitted.get("success"), submitted
-        run_id = submitted["run-id"]
-        deadline = time.time() + 300
-        while True:
-            for p in processes:
-                assert p.poll() is None, f"{p.args[0]} died"
-            listed = flwr_json(["ls", "local", "--run-id", run_id], cli)
-            assert listed.get("success"), listed
-            status = listed["runs"][0]["status"]
-            if status.startswith("finished"):
-                break
-            assert time.time() < deadline, f"run {run_id} still {status}"
-            time.sleep(2)
-        assert status == "finished:completed", listed["runs"][0].get("status-details")
+        status, run = wait_for_run(submitted["run-id"], "local", cli, processes)
+        assert status == "finished:completed", run.get("status-details")
         rows = read_metrics(out)
         assert [r["round"] for r in rows] == [0, 1]
         assert [c["partition-id"] for c in rows[1]["clients"]] == [0, 1]

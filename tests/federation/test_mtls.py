@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flower_processes import BIN, env, flwr_json, free_ports, start, stop
+from flower_processes import BIN, env, flwr_json, free_ports, start, stop, wait_for_run
 
 from fedpt.federation.mtls import allowed
 from fedpt.federation.run_folder import read_metrics
@@ -231,18 +231,9 @@ def test_only_credentials_get_through_the_gate(tiny, tmp_path):
         submitted = flwr_json([*operator, "run", str(APP), "gate", "--run-config", overrides], cli,
                               program="fedpt-flwr")
         assert submitted.get("success"), submitted
-        run_id = submitted["run-id"]
-        deadline = time.time() + 300
-        while True:
-            assert good.poll() is None, (tmp_path / "node0.log").read_text()[-2000:]
-            listed = flwr_json([*operator, "ls", "gate", "--run-id", run_id], cli, program="fedpt-flwr")
-            assert listed.get("success"), listed
-            status = listed["runs"][0]["status"]
-            if status.startswith("finished"):
-                break
-            assert time.time() < deadline, f"run {run_id} still {status}"
-            time.sleep(2)
-        assert status == "finished:completed", listed["runs"][0].get("status-details")
+        status, run = wait_for_run(submitted["run-id"], "gate", cli, [superlink, gate, good], program="fedpt-flwr",
+                                   flags=operator)
+        assert status == "finished:completed", run.get("status-details")
         assert [r["round"] for r in read_metrics(tmp_path / "run")] == [0, 1]
 
         statuses = _statuses(flwr_json([*operator, "supernode", "ls", "gate"], cli, program="fedpt-flwr"))
