@@ -22,7 +22,6 @@ models_app = typer.Typer(no_args_is_help=True, help="The offline model store.")
 app.add_typer(models_app, name="models")
 
 DTYPE_CHOICES = click.Choice(list(DTYPE_NAMES))
-DEVICE_CHOICES = click.Choice(["cpu", "cuda", "mps"])
 
 
 def _show_version(value: bool) -> None:
@@ -120,7 +119,9 @@ SmallInt8 = Annotated[bool, typer.Option(help="int8 weights for the small pair: 
 Dtype = Annotated[str, typer.Option(click_type=DTYPE_CHOICES,
                                     help="weights' number format (auto: bfloat16 where the hardware computes it "
                                          "natively, else float32)")]
-Device = Annotated[str, typer.Option(click_type=DEVICE_CHOICES, help="where the models run")]
+Device = Annotated[str, typer.Option(help="where the models run: auto (a CUDA GPU if torch sees one, else the CPU), "
+                                          "cpu, cuda, cuda:N, mps")]
+SpreadLarge = Annotated[bool, typer.Option(help="spread the large model over every GPU (one too big for a GPU)")]
 Tokenizer = Annotated[str | None, typer.Option(help="with a URL or GGUF: the model whose tokenizer it shares "
                                                     "(default: --small)")]
 ServedName = Annotated[str, typer.Option(help="with a URL: the served model's name (default: the first)")]
@@ -131,7 +132,7 @@ TopK = Annotated[int, typer.Option(help="with a URL: log-probabilities asked per
 
 def open_model(large: str | None, small: str | None, adapter: Path | None, experiment: Path | None,
                alpha: float | None, weight: float | None, dynamic: bool, small_int8: bool, dtype: str, device: str,
-               tokenizer: str | None, served_name: str, api_key_env: str, top_k: int):
+               tokenizer: str | None, served_name: str, api_key_env: str, top_k: int, spread_large: bool = False):
     """The large model, proxy-tuned when a small pair is given (or an experiment's recommendation)."""
     from fedpt.models.loading import open_lm
     from fedpt.proxy import Fusion, ProxyTunedLM, load_expert
@@ -153,7 +154,7 @@ def open_model(large: str | None, small: str | None, adapter: Path | None, exper
     if small is None and (alpha is not None or weight is not None or dynamic):
         raise FedptError("--alpha, --weight and --dynamic steer with a small pair: give --small and --adapter")
     lm = open_lm(large, tokenizer=tokenizer or small, served_name=served_name, api_key_env=api_key_env, top_k=top_k,
-                 dtype=dtype, device=device)
+                 dtype=dtype, device=device, device_map="auto" if spread_large else "")
     if small is None:
         return lm
     fusion = fusion or Fusion(alpha=1.0 if alpha is None else alpha, weight=weight or 0.0, dynamic=dynamic)
@@ -181,7 +182,8 @@ def generate(
     raw: Annotated[bool, typer.Option(help="do not apply the chat template")] = False,
     batch_size: Annotated[int, typer.Option(help="prompts decoded together")] = 8,
     dtype: Dtype = "auto",
-    device: Device = "cpu",
+    device: Device = "auto",
+    spread_large: SpreadLarge = False,
     tokenizer: Tokenizer = None,
     served_name: ServedName = "",
     api_key_env: ApiKeyEnv = "",
@@ -198,7 +200,7 @@ def generate(
     config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()), not raw, batch_size)
     quiet_transformers()
     lm = open_model(large, small, adapter, experiment, alpha, weight, dynamic, small_int8, dtype, device, tokenizer,
-                    served_name, api_key_env, top_k)
+                    served_name, api_key_env, top_k, spread_large)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         for p, completion in zip(prompts, generate_each(lm, prompts, config, progress=progress)):
             # each answer is written as soon as it is done: a failure later loses none of them
@@ -227,7 +229,8 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="most new tokens a request may ask for")] = 1024,
     timeout: Annotated[float, typer.Option(help="seconds a request may take, waiting included")] = 600.0,
     dtype: Dtype = "auto",
-    device: Device = "cpu",
+    device: Device = "auto",
+    spread_large: SpreadLarge = False,
     tokenizer: Tokenizer = None,
     served_name: ServedName = "",
     api_key_env: ApiKeyEnv = "",
@@ -245,7 +248,7 @@ def serve(
     check_free(host, port)
     quiet_transformers()
     lm = open_model(large, small, adapter, experiment, alpha, weight, dynamic, small_int8, dtype, device, tokenizer,
-                    served_name, api_key_env, top_k)
+                    served_name, api_key_env, top_k, spread_large)
     print(f"serving {lm.name} as '{name}' at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     run_server(lm, host, port, name=name, limits=limits, api_key_env=require_key_env, max_batch=max_batch,
                max_queue=max_queue)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +21,8 @@ from fedpt.errors import FedptError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONS = ("natural", "iid", "dirichlet")
+UPDATE_FORMATS = ("float32", "float16", "int8", "int4")
+QUANTIZE = ("none", "int8", "nf4")
 DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")
 
 
@@ -31,6 +34,15 @@ class ModelConfig:
     large_api_key_env: str = ""  # a URL's API key: the NAME of the environment variable holding it
     large_top_k: int = 20  # a URL's log-probabilities per position
     large_weights: str = ""  # when `large` is a URL: local weights for what needs them (the direct baseline)
+    device: str = "auto"  # where models run and train: "auto" (a CUDA GPU if torch sees one, else the CPU), "cpu",
+    #                       "cuda", "cuda:N", "mps"
+    large_device_map: str = ""  # "auto": spread the large model over every GPU (too big for one); "": on `device`
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise FedptError(f"model.device must be auto, cpu, cuda, cuda:N or mps, got '{self.device}'")
+        if self.large_device_map not in ("", "auto"):
+            raise FedptError(f"model.large_device_map must be '' or 'auto', got '{self.large_device_map}'")
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,10 @@ class FederationConfig:
     max_norm_ratio: float = 10.0  # reject an update that moves the model over this many times the round's median
     #                               move (the lower median); 0 turns the check off
     max_update_norm: float = 0.0  # reject an update that moves the model farther than this (L2); 0: no bound
+    update_format: str = "float32"  # what a client sends (fedpt/federation/compression.py): its float32 weights, or
+    #                                 its update as float16, int8 or int4 (blockwise absmax)
+    error_feedback: bool = True  # int8/int4/float16: a client adds what rounding lost to its next update
+    client_gpus: float = 0.25  # GPUs per simulated client where CUDA is present (a share: 0.25 puts 4 on a GPU)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -87,6 +103,11 @@ class FederationConfig:
                              f"round), got {self.min_clients}")
         if not (self.max_norm_ratio == 0 or self.max_norm_ratio >= 1) or self.max_update_norm < 0:
             raise FedptError("federation.max_norm_ratio must be 0 (off) or at least 1, and max_update_norm >= 0")
+        if self.update_format not in UPDATE_FORMATS:
+            raise FedptError(f"federation.update_format must be one of {', '.join(UPDATE_FORMATS)}, got "
+                             f"'{self.update_format}'")
+        if not 0 <= self.client_gpus <= 64:
+            raise FedptError(f"federation.client_gpus must lie in [0, 64], got {self.client_gpus}")
         if not 0 <= self.trim_beta < 0.5:
             raise FedptError(f"federation.trim_beta must lie in [0, 0.5), got {self.trim_beta}")
         # Krum needs n > 2f + 2 updates, Bulyan n >= 4f + 3 (Blanchard et al. 2017; El Mhamdi et al. 2018)
@@ -160,11 +181,17 @@ class TuneConfig:
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss
     dtype: str = "auto"  # of the frozen weights (auto: bfloat16 where computed natively, else float32); trained
     #                      weights are kept in float32
+    quantize: str = "none"  # the frozen weights of a LoRA client: "int8" (CPU or GPU), "nf4" (QLoRA: CUDA and
+    #                         bitsandbytes); the server keeps full precision
     chat: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("lora", "full"):
             raise FedptError(f"tuning mode must be 'lora' or 'full', got '{self.mode}'")
+        if self.quantize not in QUANTIZE:
+            raise FedptError(f"tuning.quantize must be one of {', '.join(QUANTIZE)}, got '{self.quantize}'")
+        if self.quantize != "none" and self.mode != "lora":
+            raise FedptError("tuning.quantize freezes the base weights in int8/nf4: it needs tuning.mode = 'lora'")
         for name in ("lora_r", "batch_size", "max_length", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise FedptError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -257,6 +284,12 @@ class RunConfig:
                                  "privacy.clipping = 'client'")
             if fed.clients_per_round() < 2:
                 raise FedptError("secure aggregation needs at least 2 clients per round")
+            if fed.update_format != "float32":
+                raise FedptError("privacy.secagg quantises updates itself: keep federation.update_format = 'float32'")
+        if fed.update_format != "float32" and fed.error_feedback and privacy.dp == "central" \
+                and privacy.clipping == "client":
+            raise FedptError("a client-clipped update plus carried rounding error can exceed privacy.clip_norm: set "
+                             "federation.error_feedback = false or privacy.clipping = 'server'")
 
     @property
     def score_max_length(self) -> int:

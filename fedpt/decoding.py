@@ -37,17 +37,23 @@ class GenerationConfig:
 
 
 def choose(logprobs: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
-    """Pick one token per row: argmax when temperature is 0, else sample from the top-p nucleus."""
+    """Pick one token per row: argmax when temperature is 0, else sample from the top-p nucleus.
+
+    The draw is by inverse CDF from one uniform number per row, taken from `generator` (a CPU generator), so the
+    (rows x vocabulary) tensors stay on whatever device the model left them and a seed draws the same way there."""
     if temperature == 0:
         return logprobs.argmax(-1)
-    probs = torch.softmax(logprobs / temperature, dim=-1)
+    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(-1, descending=True)
         # drop a token once the tokens ranked above it already hold top_p of the mass
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(len(probs), 1, generator=generator).to(cdf.device) * cdf[:, -1:]  # uniform over the kept mass
+    # the first token whose cumulative mass passes u: never a dropped (zero-probability) token
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def generate(

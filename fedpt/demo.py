@@ -35,7 +35,8 @@ def run_demo(config: RunConfig, n_questions: int = 6) -> None:
 
     console.print(f"[bold]2. proxy-tuning[/] {config.model.large} with it")
     large = open_large(config.model, dtype=config.tuning.dtype)
-    proxy = ProxyTunedLM(large, load_expert(config.model.small, final, dtype=config.tuning.dtype), alpha=1.0)
+    proxy = ProxyTunedLM(large, load_expert(config.model.small, final, dtype=config.tuning.dtype,
+                                                device=config.model.device), alpha=1.0)
     heldout = load_splits(config.data)["test"]
     questions = list({q.prompt: q for q in reversed(heldout)}.values())[::-1][:n_questions]  # one per prompt
     with Progress(console=console, transient=True) as progress:

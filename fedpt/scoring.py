@@ -49,7 +49,7 @@ def _picked(logprobs: Tensor, ids: Tensor, answers: list[int]) -> list[Tensor]:
     """Log-prob of each answer token, from next-token distributions at the last max(answers) + 1 columns."""
     longest = max(answers)
     # left padding puts every answer at the end of its row; its j-th token is predicted one column earlier
-    picked = logprobs[:, :-1].gather(-1, ids[:, -longest:, None]).squeeze(-1)
+    picked = logprobs[:, :-1].gather(-1, ids[:, -longest:, None].to(logprobs.device)).squeeze(-1).cpu()
     return [picked[r, longest - a:].clone() for r, a in enumerate(answers)]
 
 
@@ -82,7 +82,9 @@ def fusion_logprobs(large: LanguageModel, expert: ExpertPair, examples: Sequence
         targets = ids[:, -longest:][wanted]
         models = {"large": large.logprobs(ids, mask, longest + 1)}
         models["small_base"], models["small_tuned"] = expert.logprobs(ids, mask, longest + 1)
-        models = {k: v[:, :-1][wanted] for k, v in models.items()}
+        device = models["small_tuned"].device  # everything is combined where the small pair runs
+        wanted, targets = wanted.to(device), targets.to(device)
+        models = {k: v.to(device)[:, :-1][wanted] for k, v in models.items()}
         picked = {k: fill_tail(v).gather(-1, targets[:, None]).squeeze(-1) for k, v in models.items()}
         chunks: dict[str, list[Tensor]] = {f.label: [] for f in fusions}
         for s in range(0, len(targets), FUSION_POSITIONS):  # a fusion makes several (positions x vocab) temporaries
@@ -96,6 +98,7 @@ def fusion_logprobs(large: LanguageModel, expert: ExpertPair, examples: Sequence
                 mixed = fusion.mix(steered[key], tuned_s)
                 chunks[fusion.label].append(mixed.gather(-1, targets[s : s + FUSION_POSITIONS, None]).squeeze(-1))
         picked.update({label: torch.cat(values) for label, values in chunks.items()})
+        picked = {k: v.cpu() for k, v in picked.items()}  # answer tokens only
         for key in keys:
             for i, scores in zip(rows, picked[key].split(answers)):
                 out[key][i] = scores.clone()

@@ -129,8 +129,7 @@ def federate(config: RunConfig, folder: Path) -> Path:
 
 def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path) -> tuple[Path, dict]:
     """The small model tuned on all training data at once, with as many steps as the whole federation took."""
-    from fedpt.models import load_model
-    from fedpt.tuning.local import make_trainable
+    from fedpt.tuning.local import load_trainable
     from fedpt.tuning.local import train as run_training
 
     tuned, stats_file = folder / "adapter", folder / "stats.json"
@@ -138,8 +137,7 @@ def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path
         return tuned, json.loads(stats_file.read_text())
     fed = config.federation
     steps = fed.rounds * fed.clients_per_round() * config.tuning.local_steps
-    model, tokenizer, _ = load_model(config.model.small, dtype=config.tuning.dtype)
-    model = make_trainable(model, config.tuning, seed=config.seed)
+    model, tokenizer = load_trainable(config.model.small, config.tuning, config.model.device, seed=config.seed)
     tuning = cfg.replace(config, tuning={"local_steps": steps, "local_epochs": 0.0}).tuning
     with Progress(console=console, transient=True) as progress:
         stats = run_training(model, tokenizer, train_set, tuning, seed=config.seed, progress=progress)
@@ -158,14 +156,14 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     from fedpt.models.loading import open_large
     from fedpt.proxy import ProxyTunedLM, load_expert, load_tuned
 
-    small, large_weights = config.model.small, direct_model(config)
+    small, large_weights, device = config.model.small, direct_model(config), config.model.device
     fusions = fusions_for(config.experiment)
     published = Fusion(alpha=config.experiment.alpha)
     ev = Evaluation(config, data.test, data.validation, progress)
     rows = ev.rows
     large = open_large(config.model)
 
-    expert = load_expert(small, trained.fedpt)
+    expert = load_expert(small, trained.fedpt, device=device)
     grid = ev.score_fusions(large, expert, fusions)
     chosen = choose(grid, fusions)
     chosen_fusion = next(f for f in fusions if f.label == chosen["overall"])
@@ -178,10 +176,10 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     ev.answers("fedpt_proxy", ProxyTunedLM(large, expert, fusion=published))
     ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=chosen_fusion))
     del expert
-    ev.answers("small_base", HFCausalLM.load(small))
+    ev.answers("small_base", HFCausalLM.load(small, device=device))
 
     if trained.distill is not None:
-        expert = load_expert(small, trained.distill)
+        expert = load_expert(small, trained.distill, device=device)
         distilled = ev.score_fusions(large, expert, [published, chosen_fusion])
         rows["small_fedpt_distill"] = distilled["small_tuned"]["test"]
         rows["fedpt_distill_proxy"] = {**distilled[published.label]["test"], "fusion": published.label}
@@ -193,7 +191,8 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     for name, base, folder in [("small_central", small, trained.central),
                                ("large_direct", large_weights, trained.direct)]:
         if folder is not None:
-            tuned = load_tuned(base, folder)
+            tuned = load_tuned(base, folder, device=device,
+                               device_map=config.model.large_device_map if base == large_weights else "")
             ev.score(name, tuned)
             ev.answers(name, tuned)
             del tuned

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fedpt.config import RunConfig, TuneConfig, from_dict, from_flat, replace
 from fedpt.data import Example, load_splits
 from fedpt.errors import FedptError
+from fedpt.federation.compression import compress
 from fedpt.federation.privacy import clipped, local_noise
 from fedpt.federation.secagg import secagg_mod
 from fedpt.runtime import setup_process
@@ -55,14 +56,17 @@ def _partitions(key: str) -> list[list[Example]]:
 
 
 @lru_cache(maxsize=1)
-def trainable_model(small: str, tuning_key: str) -> tuple[Any, Any]:
-    """The small model with a fresh adapter, loaded once per process: later rounds only overwrite the weights."""
-    from fedpt.models import load_model
-    from fedpt.tuning.local import make_trainable
+def trainable_model(small: str, tuning_key: str, device: str) -> tuple[Any, Any]:
+    """The small model with a fresh adapter, loaded once per process (every client a worker runs shares it: later
+    rounds and other clients only overwrite the trained weights)."""
+    from fedpt.tuning.local import load_trainable
 
-    tuning = TuneConfig(**json.loads(tuning_key))
-    model, tokenizer, _ = load_model(small, dtype=tuning.dtype)
-    return make_trainable(model, tuning), tokenizer
+    return load_trainable(small, TuneConfig(**json.loads(tuning_key)), device)
+
+
+def _model_of(config: RunConfig) -> tuple[Any, Any]:
+    return trainable_model(config.model.small, json.dumps(config.to_dict()["tuning"], sort_keys=True),
+                           config.model.device)
 
 
 def _config(message: Message) -> RunConfig:
@@ -89,8 +93,9 @@ def train_round(message: Message, context: Context) -> Message:
     if "fitins.config" not in message.content.config_records:
         flat = dict(message.content["config"])
         sent = {k: a.numpy() for k, a in message.content["arrays"].items()}
-        weights, metrics = _train(_config_of(flat), flat, sent, context)
-        arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        config = _config_of(flat)
+        weights, metrics = _train(config, flat, sent, context)
+        arrays = ArrayRecord({k: Array(v) for k, v in _encoded(config, weights, sent, context).items()})
         return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     flat = dict(fitins.config)
@@ -105,6 +110,23 @@ def train_round(message: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
 
+def _encoded(config: RunConfig, weights: dict[str, Any], sent: dict[str, Any], context: Context) -> dict[str, Any]:
+    """What goes on the wire (federation.update_format): the weights as they are, or the update compressed, with
+    the rounding this node lost before carried in its node state (error feedback)."""
+    fed = config.federation
+    if fed.update_format == "float32":
+        return weights
+    state = context.state
+    residual = {k: a.numpy() for k, a in state["residual"].items()} \
+        if fed.error_feedback and "residual" in state.array_records else None
+    if residual is not None and residual.keys() != weights.keys():
+        residual = None  # another model's leftovers (a changed config): nothing to carry
+    encoded, left = compress({k: weights[k] - sent[k] for k in weights}, fed.update_format, residual)
+    if fed.error_feedback:
+        state["residual"] = ArrayRecord({k: Array(v) for k, v in left.items()})
+    return encoded
+
+
 def _config_of(flat: dict[str, Any]) -> RunConfig:
     return from_flat({k: v for k, v in flat.items() if "." in k or k in ("seed", "out")})
 
@@ -112,8 +134,7 @@ def _config_of(flat: dict[str, Any]) -> RunConfig:
 def _trainable_keys(config: RunConfig) -> list[str]:
     from fedpt.tuning.local import trainable_state
 
-    model, _ = trainable_model(config.model.small, json.dumps(config.to_dict()["tuning"], sort_keys=True))
-    return list(trainable_state(model))
+    return list(trainable_state(_model_of(config)[0]))
 
 
 def _train(config: RunConfig, flat: dict[str, Any], sent: dict[str, Any],
@@ -126,7 +147,7 @@ def _train(config: RunConfig, flat: dict[str, Any], sent: dict[str, Any],
     mu = float(flat.get("proximal-mu", config.federation.proximal_mu))  # Flower's FedProx sends it
     tuning = replace(config, tuning={"proximal_mu": mu}).tuning
     pid, examples = client_examples(config, dict(context.node_config))
-    model, tokenizer = trainable_model(config.model.small, json.dumps(config.to_dict()["tuning"], sort_keys=True))
+    model, tokenizer = _model_of(config)
     set_trainable_state(model, sent)
     seed = round_seed(config.seed, server_round, pid)
     stats = train(model, tokenizer, examples, tuning, seed=seed)

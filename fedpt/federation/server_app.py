@@ -25,6 +25,7 @@ from fedpt.config import RunConfig, from_flat, replace
 from fedpt.errors import FedptError, first_line
 from fedpt.federation import privacy as dp
 from fedpt.federation.client_app import round_seed
+from fedpt.federation.compression import decode
 from fedpt.federation.run_folder import LOG, METRICS, RunFolder, read_metrics
 from fedpt.federation.strategy import (
     build_strategy,
@@ -75,7 +76,7 @@ class Federation:
         config, fed = self.config, self.config.federation
         start = self.folder.check(self.resume)
         heldout = load_splits(config.data)["test"][: fed.eval_examples or None]
-        model, tokenizer, _ = load_model(config.model.small, dtype=config.tuning.dtype)
+        model, tokenizer, _ = load_model(config.model.small, dtype=config.tuning.dtype, device=config.model.device)
         model = make_trainable(model, config.tuning, seed=config.seed)
         strategy = self._private(build_strategy(fed))
         config = self.config
@@ -208,11 +209,13 @@ class Federation:
         messages = [m for m in messages if m.metadata.dst_node_id in wanted]
         replies = self._send(messages, progress, f"round {server_round}: clients")
         accepted, rejected, norms = {}, [], {}
+        sent: dict[int, int] = {}
         for reply in replies:
             pid = wanted.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
                 log.warning("round %d: client %d failed:\n%s", server_round, pid, reply.error.reason)
-            reason = check_update(reply, state, sizes.get(pid, 0))
+            sent[pid] = _arrays_bytes(reply)  # as it came over the wire, before decoding
+            reason = self._decode(reply, state) or check_update(reply, state, sizes.get(pid, 0))
             if reason is None:
                 norms[pid] = update_norm(reply.content["arrays"], state)
                 accepted[pid] = reply
@@ -226,9 +229,23 @@ class Federation:
             del accepted[pid]
             rejected.append({"partition-id": pid, "reason": reason})
         clients = [{**dict(reply.content["metrics"]), "partition-id": pid, "update_norm": norms[pid],
-                    "bytes_down": bytes_down, "bytes_up": reply.content["arrays"].count_bytes()}
+                    "bytes_down": bytes_down, "bytes_up": sent[pid]}
                    for pid, reply in accepted.items()]
         return accepted, rejected, clients, None
+
+    def _decode(self, reply: Message, state: dict[str, np.ndarray]) -> str | None:
+        """A compressed update (federation.update_format) replaced by the weights it stands for, global + update, so
+        the checks and the strategy see weights as from any client; or why it cannot be read."""
+        fmt = self.config.federation.update_format
+        if fmt == "float32" or reply.has_error() or "arrays" not in reply.content.array_records:
+            return None
+        try:
+            update = decode({k: a.numpy() for k, a in reply.content["arrays"].items()},
+                            {k: v.shape for k, v in state.items()}, fmt)
+        except FedptError as e:
+            return str(e)
+        reply.content["arrays"] = to_record({k: state[k] + update[k] for k in state})
+        return None
 
     def _collect_secure(self, server_round: int, messages: list[Message], wanted: dict[int, int],
                         state: dict[str, np.ndarray], sizes: dict[int, int], progress: Progress,
@@ -380,6 +397,12 @@ class Federation:
             log.warning("%d of %d clients did not answer within %.0f s", len(ids) - len(replies), len(ids),
                         self.config.federation.timeout)
         return replies
+
+
+def _arrays_bytes(reply: Message) -> int:
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return 0
+    return reply.content["arrays"].count_bytes()
 
 
 def make_server_app(config: RunConfig | None = None, resume: bool = False,

@@ -20,6 +20,14 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # fedpt shows rounds itself; Flower's INFO lines are noise
 
 
+def client_gpus(config: RunConfig) -> float:
+    """GPUs each simulated client holds: federation.client_gpus where clients train on CUDA (Ray then gives each
+    worker its share of a GPU, as FlowerTune does), none on CPU, so one config runs on both."""
+    from fedpt.models.hf import pick_device
+
+    return config.federation.client_gpus if pick_device(config.model.device).startswith("cuda") else 0.0
+
+
 def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | None = None,
              client_app: Any = None) -> Path:
     """Train `config` with federation.clients simulated SuperNodes; return the folder of the final model."""
@@ -31,11 +39,12 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
         from fedpt.federation.client_app import app as client_app
 
     cpus = min(config.federation.client_cpus, os.cpu_count() or 1)  # more than the machine has never schedules
+    gpus = client_gpus(config)
     run_simulation(
         server_app=make_server_app(config, resume=resume, after_round=after_round),
         client_app=client_app,
         num_supernodes=config.federation.clients,
-        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": gpus},
                         "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
     )
     return Path(config.out) / "final"

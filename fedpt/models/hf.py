@@ -28,6 +28,23 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+def pick_device(name: str = "auto") -> str:
+    """The torch device a config's `device` names: "auto" is the first CUDA GPU torch sees (in a simulation, the one
+    Flower gave this client), else the CPU; a device that is not there is an error, not a silent CPU run."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise FedptError(f"device '{name}' asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s); "
+                             "use device 'auto' or 'cpu'")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise FedptError("device 'mps' asked for, but torch sees no Apple GPU; use device 'auto' or 'cpu'")
+    elif name not in ("cpu", "mps"):
+        raise FedptError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
 def native_bf16(device: str = "cpu") -> bool:
     if str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -66,8 +83,9 @@ class HFCausalLM(LanguageModel):
             head._fedpt_strides = True
 
     @classmethod
-    def load(cls, name_or_path: str | Path, *, dtype: str = "auto", device: str = "cpu") -> HFCausalLM:
-        model, tokenizer, _ = load_model(name_or_path, dtype=dtype, device=device)
+    def load(cls, name_or_path: str | Path, *, dtype: str = "auto", device: str = "cpu",
+             device_map: str = "") -> HFCausalLM:
+        model, tokenizer, _ = load_model(name_or_path, dtype=dtype, device=device, device_map=device_map)
         return cls(model, tokenizer, name=str(name_or_path))
 
     @property
@@ -87,7 +105,7 @@ class HFCausalLM(LanguageModel):
         logprobs = out.logits[..., : self.vocab_size].float()
         del out
         logprobs -= logprobs.logsumexp(dim=-1, keepdim=True)  # log_softmax, in place: these tensors are big
-        return logprobs.cpu()
+        return logprobs  # on the model's device: decoding and fusion stay there, only chosen tokens go to the host
 
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, HFState]:
         from transformers import DynamicCache
@@ -98,6 +116,7 @@ class HFCausalLM(LanguageModel):
         return lp, HFState(cache, attention_mask, pos[:, -1:] + 1)
 
     def step(self, state: HFState, tokens: Tensor) -> Tensor:
+        tokens = tokens.to(state.attention_mask.device)  # B token ids; the mask stays on the host
         state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(tokens)[:, None]], dim=1)
         lp = self._forward(tokens[:, None], state.attention_mask, state.next_position, state.cache, keep=1)
         state.next_position = state.next_position + 1
@@ -168,20 +187,28 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
 
 
 def load_model(
-    name_or_path: str | Path, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
+    name_or_path: str | Path, *, dtype: str = "auto", device: str = "cpu", device_map: str = "",
+    trust_remote_code: bool = False, **loading: Any
 ) -> tuple[torch.nn.Module, Any, Path]:
-    """Load a registered model name or a local folder as (model, tokenizer, folder), with one-line errors."""
+    """Load a registered model name or a local folder as (model, tokenizer, folder), with one-line errors.
+
+    `device_map="auto"` spreads the layers over every GPU (accelerate) for a model that one GPU cannot hold;
+    `loading` goes to from_pretrained (e.g. a quantization_config)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedpt.models import store
 
+    device = pick_device(device)
     torch_type = torch_dtype(dtype, device)
     folder = store.resolve(name_or_path)
+    placement = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_type, trust_remote_code=trust_remote_code
-        ).to(device)
+            folder, dtype=torch_type, trust_remote_code=trust_remote_code, **placement, **loading
+        )
+        if not placement and not loading.get("quantization_config"):  # those place the weights themselves
+            model = model.to(device)
     except Exception as e:  # safetensors, tokenizers and transformers each raise their own types
         raise FedptError(f"cannot load model folder {folder}: {first_line(e)}") from None
     return model.eval(), tokenizer, folder

@@ -12,7 +12,7 @@ from fedpt.models.remote import Endpoint, RemoteLM, is_url
 
 
 def open_lm(name: str, *, tokenizer: str | None = None, served_name: str = "", api_key_env: str = "",
-            top_k: int = 20, dtype: str = "auto", device: str = "cpu") -> LanguageModel:
+            top_k: int = 20, dtype: str = "auto", device: str = "cpu", device_map: str = "") -> LanguageModel:
     """A LanguageModel for `name`. A URL needs `tokenizer`: the model whose tokenizer the server shares (the small
     model); `served_name`, `api_key_env` (the variable's name) and `top_k` apply to URLs only."""
     if is_url(name):
@@ -28,7 +28,7 @@ def open_lm(name: str, *, tokenizer: str | None = None, served_name: str = "", a
         from fedpt.models.llama_cpp import LlamaCppLM
 
         return LlamaCppLM(name, load_tokenizer(_tokenizer_for(name, tokenizer)))
-    return HFCausalLM.load(name, dtype=dtype, device=device)
+    return HFCausalLM.load(name, dtype=dtype, device=device, device_map=device_map)
 
 
 def _tokenizer_for(name: str, tokenizer: str | None) -> str:
@@ -37,7 +37,9 @@ def _tokenizer_for(name: str, tokenizer: str | None) -> str:
     return tokenizer
 
 
-def open_large(model: ModelConfig, dtype: str = "auto", device: str = "cpu") -> LanguageModel:
-    """The run's large model: local weights, or the black box at `model.large` when that is a URL."""
+def open_large(model: ModelConfig, dtype: str = "auto") -> LanguageModel:
+    """The run's large model: local weights on `model.device` (or spread over the GPUs with large_device_map), or
+    the black box at `model.large` when that is a URL."""
     return open_lm(model.large, tokenizer=model.small, served_name=model.large_served_name,
-                   api_key_env=model.large_api_key_env, top_k=model.large_top_k, dtype=dtype, device=device)
+                   api_key_env=model.large_api_key_env, top_k=model.large_top_k, dtype=dtype, device=model.device,
+                   device_map=model.large_device_map)

@@ -83,6 +83,7 @@ class Fusion:
     def steer(self, large: Tensor, base: Tensor, tuned: Tensor) -> Tensor:
         """The proxy part: scores of the large model shifted by the small pair (fixed or per-token alpha)."""
         v = min(large.shape[-1], base.shape[-1], tuned.shape[-1])
+        large = large.to(tuned.device)  # a remote or llama.cpp large model answers on the host; the small pair may not
         large, base, tuned = fill_tail(large[..., :v], base[..., :v]), base[..., :v], tuned[..., :v]
         return dynamic_proxy(large, base, tuned) if self.dynamic else large + self.alpha * (tuned - base)
 
@@ -90,7 +91,7 @@ class Fusion:
         """Log-probs: the steered scores, mixed with the tuned small model if weight > 0."""
         if self.weight:
             # geometric mixture: a weighted sum in log space, renormalised below
-            tuned = tuned[..., : steered.shape[-1]]
+            tuned = tuned[..., : steered.shape[-1]].to(steered.device)
             steered = (1 - self.weight) * torch.log_softmax(steered, dim=-1) + self.weight * tuned
         return torch.log_softmax(steered, dim=-1)
 

@@ -171,7 +171,8 @@ def is_adapter(folder: str | Path) -> bool:
 
 
 def load_expert(
-    small: str | Path, adapter: str | Path, *, dtype: str = "auto", device: str = "cpu", int8: bool = False
+    small: str | Path, adapter: str | Path, *, dtype: str = "auto", device: str = "cpu", int8: bool = False,
+    device_map: str = ""
 ) -> ExpertPair:
     """The small base model and its tuned version: a LoRA adapter folder, or a fully fine-tuned model folder.
 
@@ -182,7 +183,7 @@ def load_expert(
     if is_adapter(path):
         from peft import PeftModel
 
-        model, tokenizer, _ = load_model(small, dtype=dtype, device=device)
+        model, tokenizer, _ = load_model(small, dtype=dtype, device=device, device_map=device_map)
         try:
             peft_model = PeftModel.from_pretrained(model, path)
         except Exception as e:  # peft raises many types for a foreign or broken adapter
@@ -192,7 +193,7 @@ def load_expert(
             quantize_int8(peft_model)
         return AdapterPair(peft_model.eval(), tokenizer, name=f"{Path(str(small)).name}+{path.name}")
     if (path / "config.json").is_file():
-        pair = [HFCausalLM.load(folder, dtype=dtype, device=device) for folder in (small, path)]
+        pair = [HFCausalLM.load(folder, dtype=dtype, device=device, device_map=device_map) for folder in (small, path)]
         _check_finite(pair[1].model, path)
         if int8:
             for lm in pair:
@@ -211,8 +212,9 @@ def _check_finite(model: torch.nn.Module, folder: Path, only: str = "") -> None:
                              "earlier round's folder")
 
 
-def load_tuned(small: str | Path, tuned: str | Path, *, dtype: str = "auto", device: str = "cpu") -> LanguageModel:
+def load_tuned(small: str | Path, tuned: str | Path, *, dtype: str = "auto", device: str = "cpu",
+               device_map: str = "") -> LanguageModel:
     """The tuned small model alone: the base model with a LoRA adapter folder, or a fully fine-tuned folder."""
     if is_adapter(tuned):
-        return load_expert(small, tuned, dtype=dtype, device=device).tuned
-    return HFCausalLM.load(Path(tuned).expanduser(), dtype=dtype, device=device)
+        return load_expert(small, tuned, dtype=dtype, device=device, device_map=device_map).tuned
+    return HFCausalLM.load(Path(tuned).expanduser(), dtype=dtype, device=device, device_map=device_map)

@@ -7,6 +7,7 @@ import resource
 import sys
 import threading
 import time
+from typing import Any
 
 
 def rss_bytes() -> int:
@@ -21,16 +22,25 @@ def rss_bytes() -> int:
 
 class PeakMemory:
     """Samples resident memory in a background thread; `peak` is the highest seen inside the `with` block.
+    On a CUDA device, `gpu_peak` is the most memory torch allocated on it inside the block.
 
     The process-wide ru_maxrss cannot be reset, so a long-lived worker that already loaded a bigger model
     would report that model's peak; sampling measures this piece of work alone.
     """
 
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak = interval, 0
+    def __init__(self, device: Any = "cpu", interval: float = 0.02):
+        self.interval, self.peak, self.gpu_peak = interval, 0, None
+        self.device = device
         self._stop = threading.Event()
 
+    def _cuda(self) -> bool:
+        return str(self.device).startswith("cuda")
+
     def __enter__(self) -> PeakMemory:
+        if self._cuda():
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.peak = rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -44,6 +54,10 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+        if self._cuda():
+            import torch
+
+            self.gpu_peak = torch.cuda.max_memory_allocated(self.device)
 
 
 def training_flops(n_params: int, n_trainable: int, tokens: int) -> float:

@@ -72,8 +72,10 @@ def distill(student: torch.nn.Module, tokenizer: Any, targets: list, config: Dis
 def _example_loss(student: torch.nn.Module, tokenizer: Any, item: tuple, max_length: int) -> torch.Tensor:
     example, values, indices = item
     ids, labels = encode_example(tokenizer, example, max_length)
-    ids_t = torch.tensor([ids])
-    logits, _ = answer_logits(student, ids_t, torch.ones_like(ids_t), torch.tensor([labels]))
+    device = next(p for p in student.parameters() if p.requires_grad).device
+    ids_t = torch.tensor([ids], device=device)
+    logits, _ = answer_logits(student, ids_t, torch.ones_like(ids_t), torch.tensor([labels], device=device))
+    values, indices = values.to(device), indices.to(device)
     n = min(len(logits), len(values))  # re-tokenised answers can differ in length by a token
     log_student = torch.log_softmax(logits[:n], -1).gather(-1, indices[:n])
     teacher = torch.softmax(values[:n], -1)  # the teacher's top-k, renormalised
@@ -91,7 +93,8 @@ def make_distiller(config: RunConfig) -> AfterRound | None:
         prompts = training_prompts(config.data, settings.n_texts, config.seed)
     large = open_large(config.model, dtype=config.tuning.dtype)
     # full fine-tuning keeps no base inside the trained model: the teacher reads a frozen copy beside it
-    base = HFCausalLM.load(config.model.small, dtype=config.tuning.dtype) if config.tuning.mode == "full" else None
+    base = (HFCausalLM.load(config.model.small, dtype=config.tuning.dtype, device=config.model.device)
+            if config.tuning.mode == "full" else None)
     teachers: dict[int, ProxyTunedLM] = {}
 
     def after_round(server_round: int, model: Any, tokenizer: Any) -> dict | None:

@@ -46,6 +46,42 @@ def make_trainable(model: torch.nn.Module, config: TuneConfig, seed: int = 0) ->
     return get_peft_model(model, lora)
 
 
+def load_trainable(small: str, config: TuneConfig, device: str = "auto", seed: int = 0) -> tuple[Any, Any]:
+    """(model ready to train, tokenizer) for a client: the small model on `device` with a fresh adapter, its frozen
+    weights in int8 or in 4-bit NF4 (QLoRA) when `config.quantize` asks."""
+    from fedpt.models import load_model
+    from fedpt.models.hf import pick_device
+
+    device = pick_device(device)
+    if config.quantize != "nf4":
+        model, tokenizer, _ = load_model(small, dtype=config.dtype, device=device)
+        model = make_trainable(model, config, seed)
+        if config.quantize == "int8":
+            from fedpt.models.int8 import quantize_int8
+
+            quantize_int8(model, embeddings=True)
+        return model, tokenizer
+    if not device.startswith("cuda"):
+        raise FedptError(f"tuning.quantize = 'nf4' (QLoRA) runs on a CUDA GPU, and the device here is '{device}'; "
+                         "use tuning.quantize = 'int8' on a CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise FedptError("tuning.quantize = 'nf4' needs bitsandbytes: pip install 'fedpt[gpu]'") from None
+    from peft import prepare_model_for_kbit_training
+
+    from fedpt.models.hf import torch_dtype
+
+    compute = torch_dtype(config.dtype, device)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=compute)  # QLoRA's recipe (Dettmers et al. 2023)
+    model, tokenizer, _ = load_model(small, dtype=config.dtype, device=device, quantization_config=nf4,
+                                     device_map=device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return make_trainable(model, config, seed), tokenizer
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The weights a client trains and sends, by name, as float32 arrays."""
     return {n: p.detach().float().cpu().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
@@ -126,7 +162,8 @@ def train(
     seed: int,
     progress: Any = None,
 ) -> dict[str, float]:
-    """Train in place; return the mean loss, examples seen, wall seconds, seconds per step, peak memory, FLOPs."""
+    """Train in place, on the device of the trained weights; return the mean loss, examples seen, wall seconds,
+    seconds per step, peak memory (resident, and on a GPU the most torch allocated there), FLOPs."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,14 +173,15 @@ def train(
     anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     n_steps = steps_for(config, len(examples))
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     n_trainable = sum(p.numel() for p in params)
+    device = params[0].device
     model.train()
     losses, tokens, seen = [], 0, 0
     stream = batches(tokenizer, examples, config, rng)
-    with PeakMemory() as memory, Stopwatch() as clock, task(progress, "local steps", n_steps) as advance:
+    with PeakMemory(device) as memory, Stopwatch() as clock, task(progress, "local steps", n_steps) as advance:
         for _ in range(n_steps):
-            ids, mask, labels = next(stream)
+            ids, mask, labels = (t.to(device) for t in next(stream))
             loss = answer_loss(model, ids, mask, labels)
             if not torch.isfinite(loss):
                 raise FedptError(f"training loss became {loss.item()}; lower the learning rate")
@@ -165,5 +203,6 @@ def train(
         "seconds": clock.seconds,
         "seconds_per_step": clock.seconds / n_steps,
         "peak_memory_bytes": memory.peak,
+        **({"peak_gpu_memory_bytes": memory.gpu_peak} if memory.gpu_peak is not None else {}),
         "flops": training_flops(n_params, n_trainable, tokens),
     }
