@@ -37,3 +37,26 @@ def test_a_node_with_a_partition_of_the_run_data(tiny_run, tmp_path):
 def test_node_config_errors(tiny_run, tmp_path, node, message):
     with pytest.raises(FedptError, match=message):
         client_examples(tiny_run(tmp_path), node)
+
+
+def test_a_node_carries_its_rounding_error_into_its_next_update(tiny_run, tmp_path):
+    """Error feedback across rounds: the node's state holds what int4 rounding lost, and the next message adds it."""
+    import numpy as np
+    from flwr.app import Context, RecordDict
+
+    from fedpt.federation.client_app import _encoded
+    from fedpt.federation.compression import decode
+
+    run = tiny_run(tmp_path, federation={"update_format": "int4"})
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    rng = np.random.default_rng(0)
+    sent = {"w": np.zeros((4, 70), np.float32)}
+    updates = [{"w": rng.normal(0, 0.01, (4, 70)).astype(np.float32)} for _ in range(3)]
+    received = sum(decode(_encoded(run, u, sent, context), {"w": (4, 70)}, "int4")["w"] for u in updates)
+    residual = context.state["residual"]["w"].numpy()
+    assert np.abs(residual).max() > 0
+    np.testing.assert_allclose(received + residual, sum(u["w"] for u in updates), atol=1e-6)
+    plain = cfg.replace(run, federation={"error_feedback": False})
+    fresh = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    _encoded(plain, updates[0], sent, fresh)
+    assert "residual" not in fresh.state.array_records

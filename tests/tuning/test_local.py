@@ -93,3 +93,66 @@ def test_padding_to_a_multiple_keeps_the_loss(tiny):
     assert padded[0].shape[1] % 16 == 0 and padded[0].shape[1] > tight[0].shape[1]
     assert int(padded[1].sum()) == int(tight[1].sum())  # the same real tokens, only more padding
     torch.testing.assert_close(answer_loss(model, *padded), answer_loss(model, *tight), atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_client_trains_through_its_frozen_int8_weights(tiny):
+    import torch
+
+    from fedpt.models.int8 import Int8Embedding, Int8Linear
+    from fedpt.tuning.local import load_trainable
+
+    config = TuneConfig(local_steps=15, learning_rate=5e-3, batch_size=2, dtype="float32", quantize="int8")
+    model, tokenizer = load_trainable(str(tiny["small"]), config, "cpu")
+    exact, _ = load_trainable(str(tiny["small"]), TuneConfig(dtype="float32"), "cpu")
+    frozen = [m for m in model.modules() if isinstance(m, Int8Linear | Int8Embedding)]
+    assert frozen and not any(type(m) is torch.nn.Linear for n, m in model.named_modules() if "lora_" not in n)
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    # the same weights travel as from a float client, so the server (in full precision) takes them as they are
+    assert trainable_state(model).keys() == trainable_state(exact).keys()
+    before = nll(HFCausalLM(model, tokenizer), DATA)["nll"]
+    assert before == pytest.approx(nll(HFCausalLM(exact, tokenizer), DATA)["nll"], abs=0.05)
+    train(model, tokenizer, DATA, config, seed=0)
+    assert nll(HFCausalLM(model, tokenizer), DATA)["nll"] < before - 0.5
+
+
+def test_the_int8_matmul_has_the_gradient_of_its_dequantised_weights():
+    import torch
+
+    from fedpt.models.int8 import DequantizedMatmul, dequantize, quantize_rows
+
+    qweight, scale = quantize_rows(torch.randn(40, 24))
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: DequantizedMatmul.apply(t, qweight, scale), (x,))
+    old, DequantizedMatmul.ROWS = DequantizedMatmul.ROWS, 16  # an output head cut in row slices: the same result
+    try:
+        sliced = DequantizedMatmul.apply(x, qweight, scale)
+        sliced.sum().backward()
+    finally:
+        DequantizedMatmul.ROWS = old
+    torch.testing.assert_close(sliced, x @ dequantize(qweight, scale, torch.float64).T)
+    torch.testing.assert_close(x.grad, dequantize(qweight, scale, torch.float64).sum(0).expand(3, 5, 24))
+
+
+def test_a_tied_output_head_shares_the_int8_embedding():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fedpt.models.int8 import quantize_int8
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    ids = torch.tensor([[1, 5, 9]])
+    expected = model(ids).logits
+    quantize_int8(model, embeddings=True)
+    assert model.get_output_embeddings().qweight is model.get_input_embeddings().qweight
+    assert model.get_input_embeddings().qweight.dtype == torch.int8
+    torch.testing.assert_close(model.eval()(ids).logits, expected, atol=0.05, rtol=0.05)
+
+
+def test_qlora_needs_a_gpu_and_says_so(tiny):
+    from fedpt.tuning.local import load_trainable
+
+    with pytest.raises(FedptError, match="CUDA GPU"):
+        load_trainable(str(tiny["small"]), TuneConfig(quantize="nf4"), "cpu")
+    with pytest.raises(FedptError, match="needs tuning.mode = 'lora'"):
+        TuneConfig(mode="full", quantize="int8")
