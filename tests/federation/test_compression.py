@@ -114,3 +114,29 @@ def test_clients_sending_int4_updates_train_the_model_and_report_the_bytes_sent(
             # down: the float32 weights; up: exactly an int4 message of those shapes (headers included)
             assert client["bytes_up"] == int4.count_bytes() < client["bytes_down"]
     assert rows[2]["global"]["nll"] < rows[0]["global"]["nll"]
+
+
+def test_the_server_reads_a_compressed_update_as_weights_and_rejects_a_malformed_one(in_a_flower_task, tmp_path):
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from fedpt.federation.server_app import Federation
+    from fedpt.federation.strategy import check_update
+
+    run = cfg.replace(cfg.RunConfig(), out=str(tmp_path / "never-written"), federation={"update_format": "int8"})
+    server = Federation(run, grid=None)
+    state = {"w": np.ones((3, 100), np.float32)}
+    update = {"w": np.random.default_rng(0).normal(0, 0.01, (3, 100)).astype(np.float32)}
+
+    def reply(arrays):
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": 5})})
+        return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    good = reply(encode(update, "int8"))
+    assert server._decode(good, state) is None and check_update(good, state, 5) is None
+    np.testing.assert_allclose(good.content["arrays"]["w"].numpy(), state["w"] + update["w"], atol=0.01 / 127 * 5)
+    broken = encode(update, "int8")
+    broken["w"] = broken["w"][:-1]
+    assert "expected int8 (300,)" in server._decode(reply(broken), state)
+    assert "expected int8" in server._decode(reply({"w": update["w"], "w::scale": np.ones(5, np.float32)}), state)
+    assert not (tmp_path / "never-written").exists()
