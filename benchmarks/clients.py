@@ -14,16 +14,13 @@ client's peak resident memory (max over clients and rounds) and seconds per loca
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
-from privacy import read_rows, score, train  # noqa: I001 (benchmarks/ is the script's folder)
+from privacy import read_rows, recipe, recipe_parser, score, train  # noqa: I001 (benchmarks/ is the script's folder)
 
 from fedpt import config as cfg
-from fedpt.files import write_atomic
-from fedpt.runtime import quiet_transformers, setup_process
 
 VARIANTS = {  # name: overrides of the recipe
     "float32": {},
@@ -45,33 +42,10 @@ def costs(folder: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/experiment-chatterbot.toml")
-    parser.add_argument("--out", type=Path, default=Path("runs/clients"))
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=4, help="simulated clients, all trained every round")
-    parser.add_argument("--test-examples", type=int, default=48)
+    parser = recipe_parser(__doc__, "runs/clients")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
-    setup_process()
-    quiet_transformers()
-    base = cfg.load(args.config, [f"federation.rounds={args.rounds}", f"tuning.local_steps={args.local_steps}",
-                                  f"federation.clients={args.clients}", "federation.fraction=1.0",
-                                  "distill.every=0"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_file = args.out / "clients.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results.update({"benchmark": "clients", "config": args.config, "rounds": args.rounds,
-                    "local_steps": args.local_steps, "clients_per_round": args.clients,
-                    "test_examples": args.test_examples, "variants": results.get("variants", {})})
-
-    def save() -> None:
-        write_atomic(results_file, json.dumps(results, indent=2))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(args.json, json.dumps(results, indent=2))
+    base, results, save = recipe(args, "clients")
 
     direct = train(cfg.replace(base, model={"small": base.model.large}), args.out / "direct")
     results["direct"] = costs(direct)

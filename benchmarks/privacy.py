@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,27 +34,30 @@ from fedpt.files import write_atomic
 from fedpt.runtime import quiet_transformers, setup_process
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def recipe_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options of the cut-down experiment recipe this benchmark and benchmarks/clients.py share."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/experiment-chatterbot.toml")
-    parser.add_argument("--out", type=Path, default=Path("runs/privacy"))
+    parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--clients", type=int, default=4, help="simulated clients, all trained every round")
     parser.add_argument("--test-examples", type=int, default=48)
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.5, 2.0], help="DP noise multipliers z")
-    parser.add_argument("--clip", type=float, default=0.0, help="DP clip norm (0: the plain run's median)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    return parser
+
+
+def recipe(args: argparse.Namespace, name: str) -> tuple[cfg.RunConfig, dict, Callable[[], None]]:
+    """(the recipe's config, the results so far in OUT/NAME.json, save()): a rerun continues from what is saved."""
     setup_process()
     quiet_transformers()
     base = cfg.load(args.config, [f"federation.rounds={args.rounds}", f"tuning.local_steps={args.local_steps}",
                                   f"federation.clients={args.clients}", "federation.fraction=1.0",
                                   "distill.every=0"])
     args.out.mkdir(parents=True, exist_ok=True)
-    results_file = args.out / "privacy.json"
+    results_file = args.out / f"{name}.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results.update({"benchmark": "privacy", "config": args.config, "rounds": args.rounds,
+    results.update({"benchmark": name, "config": args.config, "rounds": args.rounds,
                     "local_steps": args.local_steps, "clients_per_round": args.clients,
                     "test_examples": args.test_examples, "variants": results.get("variants", {})})
 
@@ -62,6 +66,16 @@ def main() -> None:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(args.json, json.dumps(results, indent=2))
+
+    return base, results, save
+
+
+def main() -> None:
+    parser = recipe_parser(__doc__, "runs/privacy")
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.5, 2.0], help="DP noise multipliers z")
+    parser.add_argument("--clip", type=float, default=0.0, help="DP clip norm (0: the plain run's median)")
+    args = parser.parse_args()
+    base, results, save = recipe(args, "privacy")
 
     # 1-2: the FedPT federations
     plain = train(base, args.out / "none")
