@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -26,36 +25,18 @@ import psutil
 from fedpt import config as cfg
 from fedpt.files import write_atomic
 from fedpt.runtime import quiet_transformers, setup_process
+from fedpt.tuning.costs import PeakMemory
 
 
-class TreeMemory:
-    """Peak resident memory of this process tree, and peak machine memory in use, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.tree_peak, self.used_peak = interval, 0, 0
-        self.baseline = used_memory()
-        self._stop = threading.Event()
-
-    def __enter__(self) -> TreeMemory:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.wait(self.interval):
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:  # a worker that just exited
-                    pass
-            self.tree_peak = max(self.tree_peak, total)
-            self.used_peak = max(self.used_peak, used_memory() - self.baseline)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def tree_rss() -> int:
+    """Resident memory of this process and all its children (the server, Ray and its workers)."""
+    me, total = psutil.Process(), 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # a worker that just exited
+            pass
+    return total
 
 
 def used_memory() -> int:
@@ -90,8 +71,9 @@ def main() -> None:
     sizes = [len(p) for p in partition(load_splits(run.data)["train"], run.federation, run.seed)]
     if args.out.exists():
         shutil.rmtree(args.out)
+    baseline = used_memory()
     started = time.time()
-    with TreeMemory() as memory:
+    with PeakMemory(interval=0.2, measure=tree_rss) as tree, PeakMemory(interval=0.2, measure=used_memory) as used:
         simulate(run)
     wall = time.time() - started
     rows = read_metrics(args.out)
@@ -105,7 +87,7 @@ def main() -> None:
         "heldout_nll": [r["global"]["nll"] for r in rows],
         "clients_trained": len(clients), "rejected": sum(len(r["rejected"]) for r in rows),
         "client_peak_memory_bytes": max(c["peak_memory_bytes"] for c in clients),
-        "process_tree_peak_rss_bytes": memory.tree_peak, "machine_memory_peak_above_start_bytes": memory.used_peak,
+        "process_tree_peak_rss_bytes": tree.peak, "machine_memory_peak_above_start_bytes": used.peak - baseline,
         "machine_memory_total_bytes": psutil.virtual_memory().total,
     }
     for path in [args.out / "many_clients.json", *([args.json] if args.json else [])]:

@@ -23,6 +23,12 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
 PARTITIONS = ("natural", "iid", "dirichlet")
 UPDATE_FORMATS = ("float32", "float16", "int8", "int4")
 QUANTIZE = ("none", "int8", "nf4")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def valid_device(name: str) -> bool:
+    """Whether `name` is a device fedpt knows how to place models on (whether it is there is for torch to say)."""
+    return name in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", name) is not None
 DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")
 
 
@@ -39,8 +45,8 @@ class ModelConfig:
     large_device_map: str = ""  # "auto": spread the large model over every GPU (too big for one); "": on `device`
 
     def __post_init__(self) -> None:
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise FedptError(f"model.device must be auto, cpu, cuda, cuda:N or mps, got '{self.device}'")
+        if not valid_device(self.device):
+            raise FedptError(f"model.device must be {DEVICES}, got '{self.device}'")
         if self.large_device_map not in ("", "auto"):
             raise FedptError(f"model.large_device_map must be '' or 'auto', got '{self.large_device_map}'")
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedpt.config import DEVICES, valid_device
 from fedpt.errors import FedptError, first_line
 from fedpt.models.interface import LanguageModel, positions
 
@@ -31,6 +32,8 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
 def pick_device(name: str = "auto") -> str:
     """The torch device a config's `device` names: "auto" is the first CUDA GPU torch sees (in a simulation, the one
     Flower gave this client), else the CPU; a device that is not there is an error, not a silent CPU run."""
+    if not valid_device(name):
+        raise FedptError(f"unknown device '{name}'; choose {DEVICES}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -40,8 +43,6 @@ def pick_device(name: str = "auto") -> str:
                              "use device 'auto' or 'cpu'")
     elif name == "mps" and not torch.backends.mps.is_available():
         raise FedptError("device 'mps' asked for, but torch sees no Apple GPU; use device 'auto' or 'cpu'")
-    elif name not in ("cpu", "mps"):
-        raise FedptError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps")
     return name
 
 

@@ -91,7 +91,7 @@ class Fusion:
         """Log-probs: the steered scores, mixed with the tuned small model if weight > 0."""
         if self.weight:
             # geometric mixture: a weighted sum in log space, renormalised below
-            tuned = tuned[..., : steered.shape[-1]].to(steered.device)
+            tuned = tuned[..., : steered.shape[-1]]
             steered = (1 - self.weight) * torch.log_softmax(steered, dim=-1) + self.weight * tuned
         return torch.log_softmax(steered, dim=-1)
 

@@ -7,6 +7,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -21,16 +22,16 @@ def rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Samples resident memory in a background thread; `peak` is the highest seen inside the `with` block.
-    On a CUDA device, `gpu_peak` is the most memory torch allocated on it inside the block.
+    """Samples resident memory (or what `measure` returns) in a background thread; `peak` is the highest seen
+    inside the `with` block. On a CUDA device, `gpu_peak` is the most memory torch allocated on it inside the block.
 
     The process-wide ru_maxrss cannot be reset, so a long-lived worker that already loaded a bigger model
     would report that model's peak; sampling measures this piece of work alone.
     """
 
-    def __init__(self, device: Any = "cpu", interval: float = 0.02):
+    def __init__(self, device: Any = "cpu", interval: float = 0.02, measure: Callable[[], int] = rss_bytes):
         self.interval, self.peak, self.gpu_peak = interval, 0, None
-        self.device = device
+        self.device, self.measure = device, measure
         self._stop = threading.Event()
 
     def _cuda(self) -> bool:
@@ -41,19 +42,19 @@ class PeakMemory:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.peak = rss_bytes()
+        self.peak = self.measure()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self.measure())
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self.measure())
         if self._cuda():
             import torch
 

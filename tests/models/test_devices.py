@@ -28,6 +28,8 @@ def test_auto_is_a_gpu_where_there_is_one_and_the_cpu_elsewhere(monkeypatch):
     assert client_gpus(run) == 0.25  # four simulated clients share each GPU
     with pytest.raises(FedptError, match="cuda:2"):
         pick_device("cuda:2")
+    with pytest.raises(FedptError, match="unknown device 'cuda:x'"):
+        pick_device("cuda:x")  # --device is free text on the command line
     with pytest.raises(FedptError, match="model.device"):
         cfg.load(None, ["model.device='gpu'"])
 
