@@ -26,7 +26,7 @@ SCALE = "::scale"  # suffix of a block-scale array's key
 def compress(update: dict[str, np.ndarray], fmt: str,
              residual: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(arrays to send, the new residual): `update` plus the old residual, encoded; the residual is what the
-    encoding lost. float32 is sent as it is (no residual)."""
+    encoding lost."""
     if fmt not in FORMATS:
         raise FedptError(f"unknown update format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if residual:
