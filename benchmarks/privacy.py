@@ -137,8 +137,8 @@ def score(base: cfg.RunConfig, args: argparse.Namespace, results: dict, variants
     """Test NLL of the large model alone, directly tuned, and proxy-tuned by each variant's adapter (alpha = 1)."""
     from fedpt.data import load_splits
     from fedpt.experiment.results import gap_closed
-    from fedpt.models.loading import open_large
     from fedpt.proxy import Fusion, ProxyTunedLM, load_expert, load_tuned
+    from fedpt.proxy.spec import ModelSpec
     from fedpt.scoring import nll
 
     test = load_splits(base.data)["test"][: args.test_examples]
@@ -147,7 +147,7 @@ def score(base: cfg.RunConfig, args: argparse.Namespace, results: dict, variants
         results["large_direct_nll"] = nll(load_tuned(base.model.large, args.out / "direct" / "final"), test,
                                           max_length=length)["nll"]
         save()
-    large = open_large(base.model)
+    large = ModelSpec.from_config(base.model).open_large()
     if "large_base_nll" not in results:
         results["large_base_nll"] = nll(large, test, max_length=length)["nll"]
         save()

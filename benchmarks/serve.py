@@ -77,7 +77,8 @@ def load(url: str, clients: int, requests_each: int, tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, default=Path("runs/blackbox/fedpt/final"))
-    parser.add_argument("--fusion", default="alpha=1, w=0.5", help="the chatterbot experiment's choice")
+    parser.add_argument("--alpha", type=float, default=1.0, help="the chatterbot experiment's choice: alpha 1,")
+    parser.add_argument("--weight", type=float, default=0.5, help="mixture weight 0.5")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--requests-each", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
@@ -93,7 +94,8 @@ def main() -> None:
         from blackbox import random_expert
 
         expert, adapter = random_expert(cfg.load("configs/experiment-chatterbot.toml")), "random (timing only)"
-    lm = ProxyTunedLM(HFCausalLM.load(LARGE, dtype=args.dtype), expert, fusion=Fusion.from_label(args.fusion))
+    fusion = Fusion(alpha=args.alpha, weight=args.weight)
+    lm = ProxyTunedLM(HFCausalLM.load(LARGE, dtype=args.dtype), expert, fusion=fusion)
     runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     with running(lm, max_batch=max(args.concurrency)) as url:
         client(url, PROMPTS[:1], 4)  # warm-up
@@ -108,7 +110,7 @@ def main() -> None:
     for row in table.values():
         row["throughput_ratio_to_one_client"] = row["tokens_per_s"] / one
     top = table[str(max(args.concurrency))]["throughput_ratio_to_one_client"]
-    result = {"benchmark": "serve", "small": SMALL, "large": LARGE, "adapter": adapter, "fusion": args.fusion,
+    result = {"benchmark": "serve", "small": SMALL, "large": LARGE, "adapter": adapter, "fusion": fusion.label,
               "dtype": f"{args.dtype} ({str(torch_dtype(args.dtype)).removeprefix('torch.')})",
               "tokens_per_request": args.tokens, "requests_per_client": args.requests_each,
               "machine": {"cpus": os.cpu_count()}, "concurrency": table,

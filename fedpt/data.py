@@ -219,3 +219,30 @@ def encode_example(tokenizer: Any, example: Example, max_length: int, chat: bool
     prompt = prompt[-max(1, max_length // 2):] if len(prompt) + len(response) > max_length else prompt
     response = response[: max_length - len(prompt)]
     return prompt + response, [-100] * len(prompt) + response
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line of a text file, or the `prompt` field of each line of a .jsonl file."""
+    if not path.is_file():
+        raise FedptError(f"prompts file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FedptError(f"prompts file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FedptError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise FedptError(f"{path}, line {number}: needs a text field 'prompt'")
+            prompts.append(row["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise FedptError(f"prompts file {path} has no prompts")
+    return prompts

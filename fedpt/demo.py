@@ -16,10 +16,10 @@ from rich.table import Table
 
 from fedpt.config import RunConfig, load
 from fedpt.data import load_splits
-from fedpt.decoding import GenerationConfig, generate
+from fedpt.decoding import Sampling, generate
 from fedpt.federation.simulation import simulate
-from fedpt.models.loading import open_large
-from fedpt.proxy import ProxyTunedLM, load_expert
+from fedpt.proxy import Fusion, ProxyTunedLM
+from fedpt.proxy.spec import ModelSpec
 from fedpt.scoring import nll
 
 
@@ -34,13 +34,13 @@ def run_demo(config: RunConfig, n_questions: int = 6) -> None:
     console.print(f"   federated adapter: {final} ({time.time() - started:.0f} s)")
 
     console.print(f"[bold]2. proxy-tuning[/] {config.model.large} with it")
-    large = open_large(config.model, dtype=config.tuning.dtype)
-    proxy = ProxyTunedLM(large, load_expert(config.model.small, final, dtype=config.tuning.dtype,
-                                                device=config.model.device), alpha=1.0)
+    spec = ModelSpec.from_config(config.model, adapter=final, fusion=Fusion(alpha=1.0), dtype=config.tuning.dtype)
+    large = spec.open_large()
+    proxy = ProxyTunedLM(large, spec.open_expert(), fusion=spec.fusion)
     heldout = load_splits(config.data)["test"]
     questions = list({q.prompt: q for q in reversed(heldout)}.values())[::-1][:n_questions]  # one per prompt
     with Progress(console=console, transient=True) as progress:
-        answers = {name: generate(lm, [q.prompt for q in questions], GenerationConfig(max_new_tokens=40),
+        answers = {name: generate(lm, [q.prompt for q in questions], Sampling(max_tokens=40),
                                   progress=progress) for name, lm in [("large", large), ("proxy", proxy)]}
         scores = {name: nll(lm, heldout, progress=progress) for name, lm in [("large", large), ("proxy", proxy)]}
 

@@ -1,4 +1,5 @@
-"""Process set-up for fedpt's entry points (the CLI, the Flower apps, the benchmarks), and progress display.
+"""Process set-up for fedpt's entry points (the CLI, the Flower apps, the benchmarks), progress display, and
+the check every listener (`fedpt serve`, `fedpt gate`) makes before it loads anything.
 
 Nothing here runs on import: each entry point calls `setup_process()` once, in its own process (Flower runs
 client and server apps in separate worker processes).
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 _done = False
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def setup_process() -> None:
@@ -23,6 +27,9 @@ def setup_process() -> None:
         return
     _done = True
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fedpt loads local folders only; a hub lookup would just hang
+    # peft reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps: harmless, and not
+    # the user's to fix
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     bound_the_heap()
 
 
@@ -56,3 +63,16 @@ def task(progress: Any, description: str, total: float | None) -> Iterator[Calla
         yield lambda n=1: progress.advance(task_id, n)
     finally:
         progress.remove_task(task_id)
+
+
+def check_free(host: str, port: int) -> None:
+    """Fail now, in one line, rather than after loading the models, if the address cannot be listened on."""
+    from fedpt.errors import FedptError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as e:
+        raise FedptError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

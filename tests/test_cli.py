@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,16 +98,16 @@ def test_unknown_command_is_one_line(cli):
     assert code == 2 and err.startswith("fedpt: error: No such command 'frobnicate'") and err.count("\n") == 1
 
 
-def fake_experiment(folder, tiny, tiny_adapter, fusion="alpha=1, w=0.5"):
+def fake_experiment(folder, tiny, tiny_adapter, fusion="alpha=1, w=0.5", **extra):
     """An experiment folder as `fedpt experiment` leaves it, as far as serving reads it."""
     import shutil
 
     (folder / "fedpt").mkdir(parents=True)
     shutil.copytree(tiny_adapter, folder / "fedpt" / "final")
-    results = {"config": {"model": {"small": str(tiny["small"]), "large": str(tiny["large"])}},
-               "chosen_on_validation": {"overall": fusion}, "models": {}, "costs": {}, "targets": {},
-               "cost_ratio_fedpt_over_direct": {}}
-    (folder / "results.json").write_text(json.dumps(results))
+    results = json.loads((Path(__file__).parent / "data" / "results-small.json").read_text())
+    results["config"]["model"] = {"small": str(tiny["small"]), "large": str(tiny["large"])}
+    results["chosen_on_validation"]["overall"] = fusion
+    (folder / "results.json").write_text(json.dumps({**results, **extra}))
     return folder
 
 
@@ -122,6 +123,38 @@ def test_generate_takes_the_fusion_an_experiment_chose(cli, tiny, tiny_adapter, 
     assert cli(*common, *explicit)[1] != chosen or fusion == "alpha=1"  # the fusion made a difference
     code, _, err = cli(*common, "--experiment", experiment, "--alpha", 2)
     assert code == 2 and "drop --alpha" in err
+
+
+def test_an_experiment_stores_its_fusions_as_data(cli, tiny, tiny_adapter, tmp_path):
+    """Version 2 of results.json: the chosen fusion is read from its data, whatever its label says."""
+    common = ["generate", "--prompt", "hello world", "--max-new-tokens", 8, "--dtype", "float32"]
+    experiment = fake_experiment(tmp_path / "exp", tiny, tiny_adapter, "the best one", version=2,
+                                 fusions={"the best one": {"alpha": 0.5, "weight": 0.0, "dynamic": False}})
+    code, chosen, err = cli(*common, "--experiment", experiment)
+    assert code == 0, err
+    explicit = ["--large", tiny["large"], "--small", tiny["small"], "--adapter", tiny_adapter]
+    assert cli(*common, *explicit, "--alpha", 0.5)[1] == chosen
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: {**r, "models": [1, 2]}, "models: Input should be a valid dictionary"),
+    (lambda r: {**r, "targets": None}, "targets: Input should be a valid dictionary"),
+    (lambda r: {k: v for k, v in r.items() if k != "costs"}, "costs: Field required"),
+    (lambda r: {**r, "models": {k: v for k, v in r["models"].items() if k != "large_direct"}},
+     "lacks models.large_direct"),
+    (lambda r: {**r, "costs": {"direct": r["costs"]["direct"]}}, "lacks costs.fedpt"),
+    (lambda r: {**r, "version": 99}, "version 99; this fedpt reads up to 2"),
+])
+def test_a_damaged_results_json_is_one_line(cli, tmp_path, damage, message):
+    results = json.loads((Path(__file__).parent / "data" / "results-small.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps(damage(results)))
+    for command in (["report", tmp_path], ["compare", tmp_path], ["generate", "--experiment", tmp_path,
+                                                                   "--prompt", "x"]):
+        code, _, err = cli(*command)
+        assert code == 2 and message in err and err.count("\n") == 1, (command, err)
+    (tmp_path / "results.json").write_bytes(b"\xff\xfe{not utf-8")
+    code, _, err = cli("report", tmp_path)
+    assert code == 2 and "is not UTF-8" in err and err.count("\n") == 1
 
 
 def test_serve_refuses_a_port_in_use(cli, tiny):

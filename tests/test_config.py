@@ -53,3 +53,29 @@ def test_derived_values_and_sections():
         cfg.section("tuning", {"lora_rank": 8})
     with pytest.raises(FedptError, match="'seed' is not a section"):
         cfg.load(None, ["seed=3", "seed.part=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ('experiment.alphas=["x"]', r"experiment.alphas\[0\] must be float, got str 'x'"),
+    ('experiment.fusion_weights=[0.5, "x"]', r"experiment.fusion_weights\[1\] must be float, got str 'x'"),
+    ("experiment.alphas=3", "experiment.alphas must be a list of float, got int 3"),
+    ("tuning.target_modules=[1]", r"tuning.target_modules\[0\] must be str, got int 1"),
+    ("federation.rounds=true", "federation.rounds must be int, got bool True"),
+])
+def test_types_come_from_the_annotations_list_items_included(override, message):
+    with pytest.raises(FedptError, match=message):
+        cfg.load(None, [override])
+    assert cfg.load(None, ["experiment.alphas=[1, 2]"]).experiment.alphas == [1.0, 2.0]
+    assert cfg.from_flat({"experiment.alphas": "0.5,1"}).experiment.alphas == [0.5, 1.0]
+
+
+def test_one_default_per_key():
+    assert cfg.RunConfig().tuning == cfg.TuneConfig()
+
+
+def test_clients_receive_only_the_sections_they_use():
+    run = cfg.load(None, ["experiment.alpha=2", "distill.every=1", "tuning.lora_r=4"])
+    sent = run.flat(cfg.CLIENT_SECTIONS)
+    assert not any(k.startswith(("experiment.", "distill.")) for k in sent)
+    received = cfg.from_flat(sent)
+    assert all(getattr(received, name) == getattr(run, name) for name in (*cfg.CLIENT_SECTIONS, "seed"))

@@ -20,9 +20,9 @@ def test_prepare_both_and_generate_eight_proxy_tokens():
     from peft import LoraConfig, get_peft_model
 
     from fedpt.data import encode_prompt
-    from fedpt.decoding import GenerationConfig, generate_tokens
+    from fedpt.decoding import Sampling, generate_tokens
     from fedpt.models import HFCausalLM, load_model
-    from fedpt.proxy import AdapterPair, ProxyTunedLM
+    from fedpt.proxy import AdapterPair, Fusion, ProxyTunedLM
 
     for name in (SMALL, LARGE):
         store.prepare(name)
@@ -39,11 +39,10 @@ def test_prepare_both_and_generate_eight_proxy_tokens():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
     prompt = [encode_prompt(tokenizer, "Write a Python function that reverses a string.")]
-    config = GenerationConfig(max_new_tokens=8)
-    proxy_tokens = generate_tokens(ProxyTunedLM(large, AdapterPair(peft_model, tokenizer)), prompt, config,
-                                   torch.Generator())[0]
+    config = Sampling(max_tokens=8)
+    proxy_tokens = generate_tokens(ProxyTunedLM(large, AdapterPair(peft_model, tokenizer)), prompt, config)[0]
     assert len(proxy_tokens) == 8 and tokenizer.decode(proxy_tokens).strip()
-    alone = generate_tokens(large, prompt, config, torch.Generator())[0]
-    zero = generate_tokens(ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), alpha=0.0), prompt, config,
-                           torch.Generator())[0]
+    alone = generate_tokens(large, prompt, config)[0]
+    zero_proxy = ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), fusion=Fusion(alpha=0.0))
+    zero = generate_tokens(zero_proxy, prompt, config)[0]
     assert zero == alone

@@ -11,7 +11,7 @@ import numpy as np
 
 from fedpt.config import ExperimentConfig, RunConfig
 from fedpt.data import Example
-from fedpt.decoding import GenerationConfig, generate
+from fedpt.decoding import Sampling, generate
 from fedpt.models import LanguageModel
 from fedpt.proxy import ExpertPair, Fusion
 from fedpt.scoring import (
@@ -94,7 +94,7 @@ class Evaluation:
         examples = self.test[: self.experiment.generate_examples]
         started = time.perf_counter()
         texts = generate(lm, [e.prompt for e in examples],
-                         GenerationConfig(max_new_tokens=self.experiment.max_new_tokens), progress=self.progress)
+                         Sampling(max_tokens=self.experiment.max_new_tokens), progress=self.progress)
         seconds = time.perf_counter() - started
         tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
         row = self.rows.setdefault(name, {})

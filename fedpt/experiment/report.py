@@ -34,12 +34,22 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     names = []
-    costs = results["costs"]
-    models = results["models"]
+    for name, draw in (("rounds.png", _plot_rounds), ("metrics.png", _plot_metrics), ("costs.png", _plot_costs)):
+        fig = draw(plt, results)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        names.append(name)
+    return names
 
+
+def _plot_rounds(plt: Any, results: dict[str, Any]) -> Any:
+    """Held-out loss per round of each federation, with the proxies' final NLL as lines."""
+    from matplotlib.ticker import MaxNLocator
+
+    costs, models = results["costs"], results["models"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in [("fedpt", "FedPT: small model, federated"), ("fedpt_distill", "FedPT + distillation"),
                        ("direct", "baseline: large model, federated")]:
@@ -55,11 +65,12 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
         "eval_examples") == 0 else "NLL per answer token, first test pairs")
     ax.set_title("Held-out loss per round")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "rounds.png", dpi=120)
-    plt.close(fig)
-    names.append("rounds.png")
+    return fig
 
+
+def _plot_metrics(plt: Any, results: dict[str, Any]) -> Any:
+    """Every model's NLL, and its task metric where measured, as bars."""
+    models = results["models"]
     present = [k for k in ORDER if k in models]
     metric = "rouge_l" if all("rouge_l" in models[k] for k in present if k in ("large_base", "large_direct")) \
         else "accuracy"
@@ -75,11 +86,12 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
         ax.set_title(title, fontsize=10)
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "metrics.png", dpi=120)
-    plt.close(fig)
-    names.append("metrics.png")
+    return fig
 
+
+def _plot_costs(plt: Any, results: dict[str, Any]) -> Any:
+    """What a FedPT client and a direct client pay, side by side."""
+    costs = results["costs"]
     measures = [("peak_memory_bytes", "client peak memory (GB)", 1e9),
                 ("seconds_per_step", "seconds per local step", 1),
                 ("bytes_up_per_client_round", "MB sent per client and round", 1e6),
@@ -89,11 +101,7 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
         ax.bar(["FedPT", "direct"], [costs["fedpt"][key] / scale, costs["direct"][key] / scale],
                color=["tab:orange", "tab:blue"])
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(folder / "costs.png", dpi=120)
-    plt.close(fig)
-    names.append("costs.png")
-    return names
+    return fig
 
 
 def why(results: dict[str, Any], missed: list[str]) -> list[str]:
@@ -128,76 +136,99 @@ def why(results: dict[str, Any], missed: list[str]) -> list[str]:
 
 def markdown(results: dict[str, Any], notes: str = "") -> str:
     """The report; `notes` (a folder's notes.md) adds the author's reading of the results."""
-    models, ratio, targets = results["models"], results["cost_ratio_fedpt_over_direct"], results["targets"]
+    lines = ["# FedPT experiment report", ""]
+    for section in (_recipe, _targets, _results_table, _levers, _distillation, _privacy, _device_costs, _verdict):
+        lines += section(results)
+    if notes:
+        lines += ["", "## Notes", "", notes.strip()]
+    lines += _samples(results)
+    return "\n".join(lines) + "\n"
+
+
+def _recipe(results: dict[str, Any]) -> list[str]:
     data, config = results.get("data", {}), results.get("config", {})
     fed, tuning, model = config.get("federation", {}), config.get("tuning", {}), config.get("model", {})
-    lines = ["# FedPT experiment report", ""]
-    if results.get("command"):
-        lines += ["Made by:", "", f"    {results['command']}", ""]
-    lines += [
+    lines = ["Made by:", "", f"    {results['command']}", ""] if results.get("command") else []
+    return lines + [
         f"Task: `{data.get('source')}` ({data.get('train')} training, {data.get('validation')} validation, "
         f"{data.get('test')} test pairs; metric {data.get('metric')}). Small model `{model.get('small')}`,"
         f" large model `{model.get('large')}`. Recipe: {fed.get('clients')} clients "
         f"({fed.get('partition')} partition), {fed.get('rounds')} rounds of {tuning.get('local_steps')} local steps, "
         f"batch {tuning.get('batch_size')}, {fed.get('strategy')}, LoRA r={tuning.get('lora_r')} on "
-        f"{', '.join(tuning.get('target_modules', []))}, learning rate {tuning.get('learning_rate')}.",
-        "",
-        "## Targets",
-        "",
-        "| target | value | met |",
-        "|---|---|---|",
-    ]
-    for name, t in targets.items():
+        f"{', '.join(tuning.get('target_modules', []))}, learning rate {tuning.get('learning_rate')}.", ""]
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    lines = ["## Targets", "", "| target | value | met |", "|---|---|---|"]
+    for name, t in results["targets"].items():
         lines.append(f"| {name} | {_fmt(t['value'])} | {'yes' if t['met'] else '**no**'} |")
-    gaps = results.get("gap_closed_nll", {})
-    lines += ["", "## Results on the test split", "",
-              "| model | NLL | perplexity | ROUGE-L | exact match | accuracy | gap closed (NLL) | s / token |",
-              "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _results_table(results: dict[str, Any]) -> list[str]:
+    models, gaps = results["models"], results.get("gap_closed_nll", {})
+    lines = ["", "## Results on the test split", "",
+             "| model | NLL | perplexity | ROUGE-L | exact match | accuracy | gap closed (NLL) | s / token |",
+             "|---|---|---|---|---|---|---|---|"]
     for key in [k for k in ORDER if k in models]:
         m = models[key]
-        name = NAMES[key] + (f" [{m['fusion']}]" if "fusion" in m else "")
+        name = NAMES[key] + (f" [{m['fusion']}]" if m.get("fusion") else "")
         lines.append(f"| {name} | {_fmt(m.get('nll'))} | {_fmt(m.get('perplexity'), 1)} | {_fmt(m.get('rouge_l'))} | "
                      f"{_fmt(m.get('exact_match'))} | {_fmt(m.get('accuracy'))} | {_fmt(gaps.get(key), 2)} | "
                      f"{_fmt(m.get('seconds_per_token'))} |")
-    lines += ["", "Gap closed = (m - large base) / (large direct - large base), on the test NLL. "
-              "Seconds per token: greedy decoding of the first test prompts, batches of 8, on this machine.", "",
-              "![metrics](metrics.png)", ""]
-    chosen = results.get("chosen_on_validation", {})
-    grid = results.get("fusion_grid", {})
-    if grid:
-        lines += ["## Levers: alpha and fusion, chosen on the validation split", "",
-                  f"Chosen on validation: best alpha `{chosen.get('alpha')}`, best mixture `{chosen.get('mixture')}`, "
-                  f"best dynamic `{chosen.get('dynamic')}`, best overall `{chosen.get('overall')}` "
-                  "(the test column is shown for every setting, but none was picked on it).", "",
-                  "| fusion | validation NLL | test NLL | gap closed (test NLL) |", "|---|---|---|---|"]
-        base, direct = models["large_base"]["nll"], models["large_direct"]["nll"]
-        for label, split in grid.items():
-            gap = gap_closed(split["test"]["nll"], base, direct)
-            lines.append(f"| {label} | {_fmt(split['validation']['nll'])} | {_fmt(split['test']['nll'])} | "
-                         f"{_fmt(gap, 2)} |")
-        lines.append("")
-    if "small_fedpt_distill" in models:
-        d, p = models["fedpt_distill_proxy"]["nll"], models["fedpt_proxy"]["nll"]
-        verdict = "helped" if d < p else "did not help"
-        lines += ["## Lever: distillation between rounds", "",
-                  f"Distilling the proxy into the small model between rounds {verdict}: FedPT with the configured "
-                  f"alpha reached test NLL {_fmt(d)} with distillation against {_fmt(p)} without; the small model "
-                  f"itself {_fmt(models['small_fedpt_distill']['nll'])} against {_fmt(models['small_fedpt']['nll'])}.",
-                  ""]
-    costs = results["costs"]
-    private = {name: c["privacy"] for name, c in costs.items() if isinstance(c, dict) and "privacy" in c}
-    if private:
-        lines += ["## Privacy spent", "",
-                  "Client-level differential privacy, accounted with an RDP accountant for m of N clients sampled "
-                  "without replacement each round (docs/privacy.md).", "",
-                  "| federation | DP | epsilon | delta | noise multiplier | clip norm | releases |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, p in private.items():
-            lines.append(f"| {name} | {p['dp']} | {_fmt(p['epsilon'])} | {p['delta']:.3g} | "
-                         f"{_fmt(p['noise_multiplier'])} | {_fmt(p['clip_norm'])} | {p['releases']} |")
-        lines.append("")
-    lines += ["## What a device pays", "",
-              "| per client and round | FedPT (small) | direct (large) | FedPT / direct |", "|---|---|---|---|"]
+    return lines + ["", "Gap closed = (m - large base) / (large direct - large base), on the test NLL. "
+                    "Seconds per token: greedy decoding of the first test prompts, batches of 8, on this machine.", "",
+                    "![metrics](metrics.png)", ""]
+
+
+def _levers(results: dict[str, Any]) -> list[str]:
+    models, chosen, grid = results["models"], results.get("chosen_on_validation", {}), results.get("fusion_grid", {})
+    if not grid:
+        return []
+    lines = ["## Levers: alpha and fusion, chosen on the validation split", "",
+             f"Chosen on validation: best alpha `{chosen.get('alpha')}`, best mixture `{chosen.get('mixture')}`, "
+             f"best dynamic `{chosen.get('dynamic')}`, best overall `{chosen.get('overall')}` "
+             "(the test column is shown for every setting, but none was picked on it).", "",
+             "| fusion | validation NLL | test NLL | gap closed (test NLL) |", "|---|---|---|---|"]
+    base, direct = models["large_base"]["nll"], models["large_direct"]["nll"]
+    for label, split in grid.items():
+        gap = gap_closed(split["test"]["nll"], base, direct)
+        lines.append(f"| {label} | {_fmt(split['validation']['nll'])} | {_fmt(split['test']['nll'])} | "
+                     f"{_fmt(gap, 2)} |")
+    return lines + [""]
+
+
+def _distillation(results: dict[str, Any]) -> list[str]:
+    models = results["models"]
+    if "small_fedpt_distill" not in models or "fedpt_distill_proxy" not in models:
+        return []
+    d, p = models["fedpt_distill_proxy"]["nll"], models["fedpt_proxy"]["nll"]
+    verdict = "helped" if d < p else "did not help"
+    return ["## Lever: distillation between rounds", "",
+            f"Distilling the proxy into the small model between rounds {verdict}: FedPT with the configured "
+            f"alpha reached test NLL {_fmt(d)} with distillation against {_fmt(p)} without; the small model "
+            f"itself {_fmt(models['small_fedpt_distill']['nll'])} against {_fmt(models['small_fedpt']['nll'])}.", ""]
+
+
+def _privacy(results: dict[str, Any]) -> list[str]:
+    private = {name: c["privacy"] for name, c in results["costs"].items() if isinstance(c, dict) and "privacy" in c}
+    if not private:
+        return []
+    lines = ["## Privacy spent", "",
+             "Client-level differential privacy, accounted with an RDP accountant for m of N clients sampled "
+             "without replacement each round (docs/privacy.md).", "",
+             "| federation | DP | epsilon | delta | noise multiplier | clip norm | releases |",
+             "|---|---|---|---|---|---|---|"]
+    for name, p in private.items():
+        lines.append(f"| {name} | {p['dp']} | {_fmt(p['epsilon'])} | {p['delta']:.3g} | "
+                     f"{_fmt(p['noise_multiplier'])} | {_fmt(p['clip_norm'])} | {p['releases']} |")
+    return lines + [""]
+
+
+def _device_costs(results: dict[str, Any]) -> list[str]:
+    costs, ratio = results["costs"], results["cost_ratio_fedpt_over_direct"]
+    lines = ["## What a device pays", "",
+             "| per client and round | FedPT (small) | direct (large) | FedPT / direct |", "|---|---|---|---|"]
     for key, label, scale, unit in [
         ("peak_memory_bytes", "peak memory", 1e9, "GB"), ("seconds_per_step", "seconds per local step", 1, "s"),
         ("client_seconds_per_round", "wall seconds per round", 1, "s"),
@@ -207,27 +238,31 @@ def markdown(results: dict[str, Any], notes: str = "") -> str:
     ]:
         lines.append(f"| {label} | {costs['fedpt'][key] / scale:.3f} {unit} | {costs['direct'][key] / scale:.3f} {unit}"
                      f" | {ratio[key]:.2f} |")
-    lines += ["", f"Total bytes over the run: FedPT {costs['fedpt']['bytes_total'] / 1e6:.1f} MB, direct "
-              f"{costs['direct']['bytes_total'] / 1e6:.1f} MB.", "", "![costs](costs.png)", "",
-              "## Loss per round", "", "![rounds](rounds.png)", ""]
-    missed = [name for name, t in targets.items() if not t["met"]]
-    lines += ["## Verdict", ""]
+    return lines + ["", f"Total bytes over the run: FedPT {costs['fedpt']['bytes_total'] / 1e6:.1f} MB, direct "
+                    f"{costs['direct']['bytes_total'] / 1e6:.1f} MB.", "", "![costs](costs.png)", "",
+                    "## Loss per round", "", "![rounds](rounds.png)", ""]
+
+
+def _verdict(results: dict[str, Any]) -> list[str]:
+    missed = [name for name, t in results["targets"].items() if not t["met"]]
     if not missed:
-        lines.append("Every target is met on this run.")
-    else:
-        lines.append(f"Missed: {', '.join(missed)}. The evaluation was not changed to pass.")
-        lines += ["", *[f"- {line}" for line in why(results, missed)]]
-    if notes:
-        lines += ["", "## Notes", "", notes.strip()]
+        return ["## Verdict", "", "Every target is met on this run."]
+    return ["## Verdict", "", f"Missed: {', '.join(missed)}. The evaluation was not changed to pass.", "",
+            *[f"- {line}" for line in why(results, missed)]]
+
+
+def _samples(results: dict[str, Any]) -> list[str]:
+    models = results["models"]
     samples = models.get("fedpt_best", {}).get("samples") or []
-    if samples:
-        lines += ["", "## Sample answers (test prompts)", "", "| prompt | reference | large base | FedPT (chosen) |",
-                  "|---|---|---|---|"]
-        base_samples = models.get("large_base", {}).get("samples") or [{}] * len(samples)
-        for s, b in zip(samples, base_samples):
-            cells = [s["prompt"], s["reference"], b.get("answer", ""), s["answer"]]
-            lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    if not samples:
+        return []
+    lines = ["", "## Sample answers (test prompts)", "", "| prompt | reference | large base | FedPT (chosen) |",
+             "|---|---|---|---|"]
+    base_samples = models.get("large_base", {}).get("samples") or [{}] * len(samples)
+    for s, b in zip(samples, base_samples):
+        cells = [s["prompt"], s["reference"], b.get("answer", ""), s["answer"]]
+        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return lines
 
 
 def write_report(results: dict[str, Any], folder: Path) -> Path:

@@ -1,14 +1,6 @@
-"""results.json, the one record of an experiment: its model keys and labels, its targets, the gap formula, the
-costs read from each federation's metrics, and reading and writing the file. Torch-free, so reports and
-comparisons run anywhere.
-
-    {"command", "config", "data",
-     "models": {KEY: {"nll", "perplexity", "tokens", ["accuracy"], ["rouge_l", "exact_match",
-                       "seconds_per_token", "samples"], ["fusion"], ["validation_nll"]}},
-     "fusion_grid": {LABEL: {"validation": {...}, "test": {...}}}, "chosen_on_validation": {...},
-     "gap_closed_nll": {KEY: share}, "gap_closed_metric": {KEY: share},
-     "costs": {"fedpt"|"direct"|"fedpt_distill": costs_of(...), "central": {...}},
-     "cost_ratio_fedpt_over_direct": {COST_KEY: ratio}, "targets": {TARGET: {"value", "met"}}, "seconds"}
+"""results.json, the one record of an experiment: its schema (a version, typed and checked before anything is
+drawn or served), its model keys and labels, its targets, the gap formula, the costs read from each federation's
+metrics, and reading and writing the file. Torch-free, so reports and comparisons run anywhere.
 """
 
 from __future__ import annotations
@@ -19,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from fedpt.errors import FedptError
 from fedpt.federation.run_folder import read_metrics
 from fedpt.files import write_atomic
 
 RESULTS = "results.json"
+VERSION = 2  # 2: fusions stored as data ("fusions"); 1 (no "version"): fusions known by their labels only
 NAMES = {  # model key -> label, in the report's order
     "small_base": "small base",
     "small_fedpt": "small, federated (FedPT step 1)",
@@ -105,36 +99,134 @@ def targets(gaps_nll: dict[str, float], ratio: dict[str, float]) -> dict[str, di
     }
 
 
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelRow(_Open):
+    """One model's scores on the test split (NLL always; the rest where the task measures it)."""
+
+    nll: float
+    perplexity: float | None = None
+    tokens: int | None = None
+    validation_nll: float | None = None
+    accuracy: float | None = None
+    rouge_l: float | None = None
+    exact_match: float | None = None
+    seconds_per_token: float | None = None
+    fusion: str | None = None  # the label of the fusion this row was scored with
+    samples: list[dict[str, str]] | None = None
+
+
+class FusionData(BaseModel):
+    """A fusion as data: what fedpt.proxy.Fusion is built from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = 1.0
+    weight: float = 0.0
+    dynamic: bool = False
+
+
+class Target(_Open):
+    value: float
+    met: bool
+
+
+class Results(_Open):
+    """The schema of results.json."""
+
+    version: int = 1
+    command: str = ""
+    config: dict[str, Any]
+    data: dict[str, Any] = {}
+    models: dict[str, ModelRow]
+    fusion_grid: dict[str, dict[str, dict[str, Any]]] = {}
+    fusions: dict[str, FusionData] = {}  # label -> fusion (version 2)
+    chosen_on_validation: dict[str, str | None] = {}
+    gap_closed_nll: dict[str, float] = {}
+    gap_closed_metric: dict[str, float] = {}
+    costs: dict[str, dict[str, Any]]
+    cost_ratio_fedpt_over_direct: dict[str, float]
+    targets: dict[str, Target]
+    seconds: float | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Results:
+        missing = [f"models.{k}" for k in ("small_base", "small_fedpt", "large_base", "fedpt_proxy", "fedpt_best",
+                                           "large_direct") if k not in self.models]
+        missing += [f"costs.{k}" for k in ("fedpt", "direct") if k not in self.costs]
+        missing += [f"targets.{k}" for k in (GAP_TARGET, *COST_TARGETS) if k not in self.targets]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        return self
+
+
 def save_results(results: dict[str, Any], folder: Path) -> Path:
+    """Check `results` against the schema, then write it (atomically)."""
+    results = {"version": VERSION, **results}
+    _validated(results, folder / RESULTS)
     path = folder / RESULTS
     write_atomic(path, json.dumps(results, indent=2))
     return path
 
 
 def load_results(folder: Path) -> dict[str, Any]:
+    """results.json as a dict whose every key the schema promises is there, with its type; else one line."""
     path = folder / RESULTS
     if not path.is_file():
         raise FedptError(f"{folder} has no {RESULTS}; run `fedpt experiment` first")
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise FedptError(f"{path} is not UTF-8 text (byte {e.start}): not a fedpt experiment result") from None
     except json.JSONDecodeError as e:
         raise FedptError(f"{path} is not valid JSON: {e}") from None
-    missing = {"models", "costs", "targets", "cost_ratio_fedpt_over_direct"} - set(results)
-    if missing:
-        raise FedptError(f"{path} lacks {sorted(missing)}: not a fedpt experiment result")
+    _validated(results, path)
     return results
 
 
-def recommended(folder: Path) -> dict[str, Any]:
-    """What an experiment recommends serving: its models, its FedPT adapter and the fusion chosen on validation."""
-    results = load_results(folder)
+def _validated(results: Any, path: Path) -> Results:
+    if not isinstance(results, dict):
+        raise FedptError(f"{path} holds a {type(results).__name__}, not an experiment's results")
+    if results.get("version", 1) > VERSION:
+        raise FedptError(f"{path} is results.json version {results['version']}; this fedpt reads up to {VERSION}: "
+                         "upgrade fedpt")
     try:
-        fusion = results["chosen_on_validation"]["overall"]
-        model = results["config"]["model"]
-        small, large = model["small"], model["large"]
-    except (KeyError, TypeError):
-        raise FedptError(f"{folder / RESULTS} lacks the fusion chosen on validation or the models") from None
-    return {"fusion": fusion, "small": small, "large": large, "adapter": folder / "fedpt" / "final"}
+        return Results.model_validate(results)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FedptError(f"{path} is not a fedpt experiment result: {where + ': ' if where else ''}{first['msg']}") \
+            from None
+
+
+def fusion_data(label: str) -> dict[str, Any]:
+    """The fusion a label names ("alpha=1", "alpha=1, w=0.5", "dynamic alpha, w=0.25"), for version-1 results
+    that stored labels only."""
+    core, _, rest = label.partition(",")
+    try:
+        weight = float(rest.strip().removeprefix("w=")) if rest else 0.0
+        if core.strip() == "dynamic alpha":
+            return {"alpha": 1.0, "weight": weight, "dynamic": True}
+        if not core.strip().startswith("alpha="):
+            raise ValueError
+        return {"alpha": float(core.strip().removeprefix("alpha=")), "weight": weight, "dynamic": False}
+    except ValueError:
+        raise FedptError(f"'{label}' names no fusion (e.g. 'alpha=1', 'alpha=1, w=0.5', 'dynamic alpha')") from None
+
+
+def recommended(folder: Path) -> dict[str, Any]:
+    """What an experiment recommends serving: its models, its FedPT adapter and the fusion chosen on validation
+    (as data: alpha, weight, dynamic)."""
+    results = load_results(folder)
+    label = results["chosen_on_validation"].get("overall")
+    model = results["config"].get("model")
+    if not label or not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("small", "large")):
+        raise FedptError(f"{folder / RESULTS} lacks the fusion chosen on validation or the models")
+    fusions = results.get("fusions") or {}
+    fusion = fusions[label] if label in fusions else fusion_data(label)
+    return {"fusion": fusion, "small": model["small"], "large": model["large"], "adapter": folder / "fedpt" / "final"}
 
 
 def is_missing(value: Any) -> bool:

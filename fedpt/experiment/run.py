@@ -153,17 +153,17 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
 
     At most one large model and one small pair are in memory at a time."""
     from fedpt.models import HFCausalLM
-    from fedpt.models.loading import open_large
-    from fedpt.proxy import ProxyTunedLM, load_expert, load_tuned
+    from fedpt.proxy import ProxyTunedLM, load_tuned
+    from fedpt.proxy.spec import ModelSpec
 
     small, large_weights, device = config.model.small, direct_model(config), config.model.device
     fusions = fusions_for(config.experiment)
     published = Fusion(alpha=config.experiment.alpha)
     ev = Evaluation(config, data.test, data.validation, progress)
     rows = ev.rows
-    large = open_large(config.model)
+    large = ModelSpec.from_config(config.model).open_large()
 
-    expert = load_expert(small, trained.fedpt, device=device)
+    expert = ModelSpec.from_config(config.model, adapter=trained.fedpt).open_expert()
     grid = ev.score_fusions(large, expert, fusions)
     chosen = choose(grid, fusions)
     chosen_fusion = next(f for f in fusions if f.label == chosen["overall"])
@@ -179,7 +179,7 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     ev.answers("small_base", HFCausalLM.load(small, device=device))
 
     if trained.distill is not None:
-        expert = load_expert(small, trained.distill, device=device)
+        expert = ModelSpec.from_config(config.model, adapter=trained.distill).open_expert()
         distilled = ev.score_fusions(large, expert, [published, chosen_fusion])
         rows["small_fedpt_distill"] = distilled["small_tuned"]["test"]
         rows["fedpt_distill_proxy"] = {**distilled[published.label]["test"], "fusion": published.label}
@@ -212,11 +212,14 @@ def summarize(config: RunConfig, data: Splits, trained: Trained, out: Path, mode
                                                                         "steps")}
     ratio = res.cost_ratios(cost["fedpt"], cost["direct"])
     return {
+        "version": res.VERSION,
         "config": config.to_dict(),
         "data": {"source": config.data.source, "train": len(data.train), "validation": len(data.validation),
                  "test": len(data.test), "metric": exp.metric},
         "models": models,
         "fusion_grid": grid,
+        "fusions": {f.label: {"alpha": f.alpha, "weight": f.weight, "dynamic": f.dynamic}
+                    for f in fusions_for(exp)},
         "chosen_on_validation": chosen,
         "gap_closed_nll": gap_nll,
         "gap_closed_metric": res.gaps(models, "rouge_l" if exp.metric == "rouge" else "accuracy"),

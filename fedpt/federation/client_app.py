@@ -7,7 +7,6 @@ from fedpt.tuning.local. Which data a node owns is set by its node config: `part
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 from typing import Any
@@ -19,16 +18,12 @@ from fedpt.config import RunConfig, TuneConfig, from_dict, from_flat, replace
 from fedpt.data import Example, load_splits
 from fedpt.errors import FedptError
 from fedpt.federation.compression import compress
+from fedpt.federation.partition import round_seed
 from fedpt.federation.privacy import clipped, local_noise
 from fedpt.federation.secagg import secagg_mod
 from fedpt.runtime import setup_process
 
 app = ClientApp(mods=[secagg_mod])
-
-
-def round_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """A seed per (run, round, client): the same on a resumed run as on an uninterrupted one."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{server_round}/{partition_id}".encode()).digest()[:4], "little")
 
 
 def client_examples(config: RunConfig, node_config: dict[str, Any]) -> tuple[int, list[Example]]:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpt.errors import FedptError, first_line
+from fedpt.runtime import LOOPBACK, check_free
 
 log = logging.getLogger("fedpt.gate")
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
               b"transfer-encoding", b"upgrade", b"host"}
 
@@ -147,7 +147,6 @@ def run_gate(superlink: str, superlink_ca: Path, cert: Path, key: Path, listener
     """Serve the listeners until SIGINT/SIGTERM; every check happens before anything listens."""
     import uvicorn
 
-    from fedpt.serving.server import check_free
 
     host, _ = split_address(superlink)
     if host not in LOOPBACK:

@@ -6,11 +6,18 @@ accept and checks the result (every example in exactly one partition, none empty
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from fedpt.config import FederationConfig
 from fedpt.data import Example
 from fedpt.errors import FedptError
+
+
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A seed per (run, round, partition; -1 for the server): the same on a resumed run as on an uninterrupted
+    one."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{server_round}/{partition_id}".encode()).digest()[:4], "little")
 
 
 def partition(examples: Sequence[Example], federation: FederationConfig, seed: int) -> list[list[Example]]:

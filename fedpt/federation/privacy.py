@@ -18,10 +18,13 @@ server knows who took part): each client composes one Gaussian release, again z/
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from fedpt.config import FederationConfig, PrivacyConfig
+from fedpt.config import FederationConfig, PrivacyConfig, RunConfig, replace
 from fedpt.errors import FedptError
+from fedpt.federation.partition import round_seed
 
 
 def delta_of(privacy: PrivacyConfig, federation: FederationConfig) -> float:
@@ -145,3 +148,68 @@ def local_noise(weights: dict[str, np.ndarray], sent: dict[str, np.ndarray], pri
     std = privacy.noise_multiplier * privacy.clip_norm
     return {k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype)
             for k, v in clipped(weights, sent, privacy.clip_norm).items()}
+
+
+class RunPrivacy:
+    """A run's differential privacy as the server applies it: the noise multiplier (calibrated to the target
+    epsilon if asked), the epsilon spent so far, the budget check before each round, and the central mechanism
+    (clip each update, noise the mean)."""
+
+    def __init__(self, config: RunConfig):
+        settings, fed = config.privacy, config.federation
+        z = noise_multiplier(config.seed, settings, fed)
+        self.config = replace(config, privacy={"noise_multiplier": z})  # the clients read z from the config
+        self.settings, self.federation, self.seed = self.config.privacy, fed, config.seed
+        self.accountant = Accountant(self.settings, fed, z)
+        self.central = settings.dp == "central"
+        first = self.accountant.epsilon_after(releases(self.seed, settings, fed, 1))
+        if settings.target_epsilon and first > settings.target_epsilon:
+            raise FedptError(f"one round alone spends epsilon {first:.3g} > privacy.target_epsilon "
+                             f"{settings.target_epsilon:g}: raise privacy.noise_multiplier (now {z:g}) or the target")
+
+    @classmethod
+    def of(cls, config: RunConfig) -> RunPrivacy | None:
+        return None if config.privacy.dp == "off" else cls(config)
+
+    def resume(self, released: int) -> None:
+        """What the rounds kept by a resumed run have spent."""
+        self.accountant.spend(released)
+
+    def over_budget(self, server_round: int) -> str | None:
+        """Why the round would take epsilon over privacy.target_epsilon (the run stops before it), or None."""
+        target = self.settings.target_epsilon
+        if not target:
+            return None
+        after = self.accountant.epsilon_after(self._releases(server_round) - self.accountant.rounds)
+        if after <= target:
+            return None
+        return (f"round {server_round} would spend epsilon {after:.3g} > privacy.target_epsilon {target:g} (delta "
+                f"{self.accountant.delta:.3g}): the run stops after round {server_round - 1}")
+
+    def spend(self, server_round: int, failed: str | None) -> dict[str, Any]:
+        """Account the round's release and return the metrics' privacy entry. Local DP releases each client's
+        noised update whatever the server does with it; central DP releases the aggregate only if it is kept."""
+        if self.accountant.local or not failed:
+            self.accountant.spend(self._releases(server_round) - self.accountant.rounds if self.accountant.local
+                                  else 1)
+        return {"dp": self.settings.dp, "epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
+                "noise_multiplier": self.accountant.noise_multiplier, "clip_norm": self.settings.clip_norm,
+                "releases": self.accountant.rounds}
+
+    def over_clip_norm(self, norms: dict[int, float]) -> dict[int, str]:
+        """Central DP with client-side clipping: an update over the clip norm broke the protocol."""
+        if not self.central or self.settings.clipping != "client":
+            return {}
+        clip_norm = self.settings.clip_norm
+        return {pid: f"update norm {norm:.3g} is over privacy.clip_norm {clip_norm:g} (the client did not clip)"
+                for pid, norm in norms.items() if norm > clip_norm * (1 + 1e-4)}
+
+    def clip(self, weights: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return clipped(weights, state, self.settings.clip_norm)
+
+    def noise(self, state: dict[str, np.ndarray], server_round: int) -> dict[str, np.ndarray]:
+        return add_noise(state, self.accountant.noise_multiplier, self.settings.clip_norm,
+                         self.federation.clients_per_round(), round_seed(self.seed, server_round, -1))
+
+    def _releases(self, server_round: int) -> int:
+        return releases(self.seed, self.settings, self.federation, server_round)

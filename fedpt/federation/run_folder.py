@@ -17,6 +17,7 @@ refuses a folder that holds any of them, and nothing else in the folder is ever 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,6 @@ class RunFolder:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.note: str | None = None  # what a resume had to skip, said once to the user
-
-    def begin(self, config: RunConfig, resume: bool) -> int:
-        """`check`, then `claim`: the round to continue after (0 for a new run)."""
-        start = self.check(resume)
-        self.claim(config, start)
-        return start
 
     def check(self, resume: bool) -> int:
         """The round to continue after, writing nothing: a new run needs a folder without fedpt's files; a resume
@@ -149,8 +144,12 @@ class RunFolder:
         write_atomic(folder / DONE, json.dumps({"round": server_round, "sha256": checksums(folder, skip=(DONE,))}))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        rows = read_metrics(self.out) if (self.out / METRICS).is_file() else []
-        write_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in [*rows, row]))
+        """One line more, in O(1): a line torn by a crash can only be the last, and a resume's `claim` rewrites
+        the file without it."""
+        with open(self.out / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def write_final(self, server_round: int) -> Path:
         """final/: the model folder of `server_round`, without the bookkeeping files."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpt.config import RunConfig
+from fedpt.config import CLIENT_SECTIONS, RunConfig
 from fedpt.errors import first_line
 
 
@@ -87,7 +87,7 @@ def secure_round(grid: Any, config: RunConfig, server_round: int, nodes: list[in
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
     privacy = config.privacy
-    strategy = _one_round_strategy(nodes, global_state, {**config.flat(), "server-round": server_round,
+    strategy = _one_round_strategy(nodes, global_state, {**config.flat(CLIENT_SECTIONS), "server-round": server_round,
                                                          "secagg": True})
     state = RecordDict({MAIN_PARAMS_RECORD: ArrayRecord(), MAIN_CONFIGS_RECORD:
                         ConfigRecord({Key.CURRENT_ROUND: server_round})})

@@ -10,7 +10,7 @@ import statistics
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedpt.config import FederationConfig
 from fedpt.errors import first_line
@@ -122,8 +122,13 @@ def clean_reply(reply: Message, uniform: bool = False) -> Message:
     extra or missing metric keys cannot make Flower refuse the whole round (InconsistentMessageReplies).
     `uniform` weighs every client alike (the example count becomes 1)."""
     examples = 1 if uniform else reply.content["metrics"]["num-examples"]
-    content = RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord({"num-examples": examples})})
-    return Message(content, dst_node_id=reply.metadata.src_node_id, message_type=MessageType.TRAIN)
+    return as_reply(reply.content["arrays"], examples, reply.metadata.src_node_id)
+
+
+def as_reply(arrays: ArrayRecord, examples: float, node: int = 0) -> Message:
+    """Weights and their example count in the form Flower's strategies aggregate: a train reply."""
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": examples})})
+    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
 def sample_clients(seed: int, server_round: int, clients: int, per_round: int) -> list[int]:

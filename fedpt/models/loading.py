@@ -4,7 +4,6 @@ completions server (a black box)."""
 
 from __future__ import annotations
 
-from fedpt.config import ModelConfig
 from fedpt.errors import FedptError
 from fedpt.models.hf import HFCausalLM, load_tokenizer
 from fedpt.models.interface import LanguageModel
@@ -35,11 +34,3 @@ def _tokenizer_for(name: str, tokenizer: str | None) -> str:
     if tokenizer is None:
         raise FedptError(f"{name}: give the small model (or --tokenizer) whose tokenizer it shares")
     return tokenizer
-
-
-def open_large(model: ModelConfig, dtype: str = "auto") -> LanguageModel:
-    """The run's large model: local weights on `model.device` (or spread over the GPUs with large_device_map), or
-    the black box at `model.large` when that is a URL."""
-    return open_lm(model.large, tokenizer=model.small, served_name=model.large_served_name,
-                   api_key_env=model.large_api_key_env, top_k=model.large_top_k, dtype=dtype, device=model.device,
-                   device_map=model.large_device_map)

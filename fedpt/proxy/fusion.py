@@ -60,20 +60,6 @@ class Fusion:
         core = "dynamic alpha" if self.dynamic else f"alpha={self.alpha:g}"
         return core if self.weight == 0 else f"{core}, w={self.weight:g}"
 
-    @classmethod
-    def from_label(cls, label: str) -> Fusion:
-        """The fusion a label names (the inverse of `label`): "alpha=1", "alpha=1, w=0.5", "dynamic alpha, w=0.25"."""
-        core, _, rest = label.partition(",")
-        try:
-            weight = float(rest.strip().removeprefix("w=")) if rest else 0.0
-            if core.strip() == "dynamic alpha":
-                return cls(weight=weight, dynamic=True)
-            if not core.strip().startswith("alpha="):
-                raise ValueError
-            return cls(alpha=float(core.strip().removeprefix("alpha=")), weight=weight)
-        except ValueError:
-            raise FedptError(f"'{label}' names no fusion (e.g. 'alpha=1', 'alpha=1, w=0.5', 'dynamic alpha')") from None
-
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and math.isfinite(self.weight)):
             raise FedptError(f"alpha and the mixture weight must be finite numbers, got {self.alpha}, {self.weight}")

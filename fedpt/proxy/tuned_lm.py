@@ -32,13 +32,13 @@ class ProxyState:
 class ProxyTunedLM(LanguageModel):
     """`log_softmax(large + alpha * (tuned - base))`: a LanguageModel built from two others.
 
-    `fusion` replaces the fixed-alpha rule by another way of combining the three (fedpt/proxy/fusion.py).
+    `fusion` says how the three combine (fedpt/proxy/fusion.py); the default is the formula above with alpha 1.
     """
 
-    def __init__(self, large: LanguageModel, expert: ExpertPair, alpha: float = 1.0, fusion: Fusion | None = None):
+    def __init__(self, large: LanguageModel, expert: ExpertPair, fusion: Fusion | None = None):
         check_same_vocabulary(large, expert)
         self.large, self.expert = large, expert
-        self.fusion = fusion or Fusion(alpha=alpha)
+        self.fusion = fusion or Fusion(alpha=1.0)
         self.name = f"proxy({large.name}, {expert.name}, {self.fusion.label})"
         self.tokenizer = large.tokenizer
         self.vocab_size = min(large.vocab_size, expert.vocab_size)

@@ -16,96 +16,31 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from fedpt.decoding import Engine, QueueFull, Report, Request, Sampling, TokenInfo
 from fedpt.errors import FedptError
-from fedpt.serving.engine import Engine, QueueFull, Report, Request, Sampling, TokenInfo
+from fedpt.serving.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Limits,
+    RequestBase,
+    finish_reason,
+    message_text,
+    parse,
+    prompt_list,
+    sse,
+    usage,
+)
 
 log = logging.getLogger("fedpt.serve")
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_tokens: int = 2048
-    max_tokens: int = 1024  # most new tokens one request may ask for
-    default_chat_tokens: int = 256  # new tokens of a chat request that names no limit
-    max_body_bytes: int = 1 << 20
-    timeout: float = 600.0  # seconds a request may take, queueing included
-
-    def __post_init__(self) -> None:
-        for key in ("max_prompt_tokens", "max_tokens", "default_chat_tokens", "max_body_bytes", "timeout"):
-            value = getattr(self, key)
-            if not value > 0:  # NaN fails too
-                raise FedptError(f"{key} must be a positive number, got {value}")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-
-# ---- requests: the fields fedpt honours; unknown fields are ignored, known ones are checked ----
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    return_tokens_as_token_ids: bool = False  # vLLM's extension: "token_id:N" instead of the token's text
-    ignore_eos: bool = False  # vLLM's extension: decode through end tokens up to max_tokens (benchmarks)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-def _parse(model: type[BaseModel], body: Any) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"'{where}': {first['msg']}" if where else first["msg"], param=where or None) from None
-
-
-# ---- the app ----
 
 class API:
     """Turns HTTP requests into engine requests and engine reports into OpenAI responses."""
@@ -136,9 +71,9 @@ class API:
 
     async def completions(self, request: HTTPRequest) -> Response:
         self._authorize(request)
-        body = _parse(CompletionRequest, await self._json(request))
+        body = parse(CompletionRequest, await self._json(request))
         self._check_common(body)
-        prompts = [self._tokens_of(p) for p in _prompt_list(body.prompt)]
+        prompts = [self._tokens_of(p) for p in prompt_list(body.prompt)]
         max_tokens = self._max_tokens(body.max_tokens if body.max_tokens is not None else 16)
         if body.echo and body.stream:
             raise APIError(400, "echo with stream is not supported", param="echo")
@@ -147,7 +82,7 @@ class API:
         head = {"id": ids, "object": "text_completion", "created": created, "model": self.model_name}
         if body.stream:
             return self._stream(request, prompts, sampling, lambda i, r: {
-                **head, "choices": [{"index": i, "text": r.text, "finish_reason": _reason(r),
+                **head, "choices": [{"index": i, "text": r.text, "finish_reason": finish_reason(r),
                                      "logprobs": self._completion_logprobs(body, r.tokens) if r.tokens else None}]},
                 head, body)
         results = await self._run(request, prompts, sampling)
@@ -161,16 +96,17 @@ class API:
                 logprobs = self._completion_logprobs(body, scored, prompt, prompt_infos)
             if body.echo:
                 text = self.tokenizer.decode(prompt) + text
-            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": _reason(reports[-1])})
-        return JSONResponse({**head, "choices": choices, "usage": _usage(prompts, results)})
+            choices.append({"index": i, "text": text, "logprobs": logprobs,
+                            "finish_reason": finish_reason(reports[-1])})
+        return JSONResponse({**head, "choices": choices, "usage": usage(prompts, results)})
 
     async def chat(self, request: HTTPRequest) -> Response:
         self._authorize(request)
-        body = _parse(ChatRequest, await self._json(request))
+        body = parse(ChatRequest, await self._json(request))
         self._check_common(body)
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"{self.model_name} has no chat template: use /v1/completions")
-        messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
+        messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt = self._check_prompt(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         limit = body.max_completion_tokens or body.max_tokens or self.limits.default_chat_tokens
@@ -184,14 +120,14 @@ class API:
             return self._stream(request, [prompt], sampling, lambda i, r: {
                 **chunk, "choices": [{"index": 0, "delta": {"content": r.text} if r.text else {},
                                       "logprobs": self._chat_logprobs(body, r.tokens) if body.logprobs else None,
-                                      "finish_reason": _reason(r)}]}, chunk, body, first=first)
+                                      "finish_reason": finish_reason(r)}]}, chunk, body, first=first)
         [reports] = await self._run(request, [prompt], sampling)
         tokens = [t for r in reports for t in r.tokens]
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(r.text for r in reports)},
                   "logprobs": self._chat_logprobs(body, tokens) if body.logprobs else None,
-                  "finish_reason": _reason(reports[-1])}
+                  "finish_reason": finish_reason(reports[-1])}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
-                             "usage": _usage([prompt], [reports])})
+                             "usage": usage([prompt], [reports])})
 
     # ---- checks ----
 
@@ -221,7 +157,7 @@ class API:
             raise APIError(400, "the body must be a JSON object")
         return parsed
 
-    def _check_common(self, body: _Common) -> None:
+    def _check_common(self, body: RequestBase) -> None:
         if body.model not in (None, self.model_name):
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
                            code="model_not_found", param="model")
@@ -251,7 +187,7 @@ class API:
         return tokens
 
     @staticmethod
-    def _sampling(body: _Common, max_tokens: int, top_logprobs: int | None, echo: bool) -> Sampling:
+    def _sampling(body: RequestBase, max_tokens: int, top_logprobs: int | None, echo: bool) -> Sampling:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
@@ -312,25 +248,25 @@ class API:
         return results
 
     def _stream(self, request: HTTPRequest, prompts: list[list[int]], sampling: Sampling, chunk_of: Any,
-                head: dict, body: _Common, first: dict | None = None) -> StreamingResponse:
+                head: dict, body: RequestBase, first: dict | None = None) -> StreamingResponse:
         requests, queue_ = self._submit(prompts, sampling)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[str]:
             counts = [0] * len(prompts)
             if first is not None:
-                yield _sse(first)
+                yield sse(first)
             try:
                 async for i, report in self._reports(request, requests, queue_):
                     counts[i] += report.new_tokens
                     if report.text or report.finish_reason or report.tokens:
-                        yield _sse(chunk_of(i, report))
+                        yield sse(chunk_of(i, report))
             except APIError as e:  # headers are sent: the error travels as an event
-                yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
                 return
             if include_usage:
                 prompt_tokens = sum(len(p) for p in prompts)
-                yield _sse({**head, "choices": [], "usage": {
+                yield sse({**head, "choices": [], "usage": {
                     "prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
                     "total_tokens": prompt_tokens + sum(counts)}})
             yield "data: [DONE]\n\n"
@@ -340,10 +276,10 @@ class API:
 
     # ---- log-probs in OpenAI's two formats ----
 
-    def _piece(self, body: _Common, token: int) -> str:
+    def _piece(self, body: RequestBase, token: int) -> str:
         return f"token_id:{token}" if body.return_tokens_as_token_ids else self.tokenizer.decode([token])
 
-    def _completion_logprobs(self, body: _Common, tokens: list[TokenInfo], prompt: list[int] | None = None,
+    def _completion_logprobs(self, body: RequestBase, tokens: list[TokenInfo], prompt: list[int] | None = None,
                              prompt_infos: list[TokenInfo | None] | None = None) -> dict:
         pieces, lps, tops = [], [], []
         if prompt is not None and prompt_infos is not None:
@@ -361,44 +297,12 @@ class API:
             at += len(piece)
         return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
-    def _chat_logprobs(self, body: _Common, tokens: list[TokenInfo]) -> dict:
+    def _chat_logprobs(self, body: RequestBase, tokens: list[TokenInfo]) -> dict:
         def entry(token: int, lp: float) -> dict:
             piece = self._piece(body, token)
             return {"token": piece, "logprob": lp, "bytes": list(self.tokenizer.decode([token]).encode("utf-8"))}
         return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                             for t in tokens]}
-
-
-def _prompt_list(prompt: str | list) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [prompt]
-    return list(prompt)
-
-
-def _content(content: str | list[dict[str, Any]] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
-        raise APIError(400, "only text message parts are supported", param="messages")
-    return "".join(part["text"] for part in content)
-
-
-def _reason(report: Report) -> str | None:
-    return report.finish_reason if report.finish_reason in ("stop", "length") else None
-
-
-def _usage(prompts: list[list[int]], results: list[list[Report]]) -> dict[str, int]:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(r.new_tokens for reports in results for r in reports)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 async def _api_error(request: HTTPRequest, exc: Exception) -> Response:

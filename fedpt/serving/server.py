@@ -4,18 +4,17 @@ yields the base URL (tests, benchmarks, and a fedpt server used as another one's
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from fedpt.decoding import Engine
 from fedpt.errors import FedptError
 from fedpt.models import LanguageModel
-from fedpt.serving.api import API, Limits
-from fedpt.serving.engine import Engine
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+from fedpt.runtime import LOOPBACK, check_free
+from fedpt.serving.api import API
+from fedpt.serving.protocol import Limits
 
 
 def _server(lm: LanguageModel, host: str, port: int, *, name: str, limits: Limits, api_key_env: str,
@@ -46,17 +45,6 @@ def serve(lm: LanguageModel, host: str = "127.0.0.1", port: int = 8000, *, name:
         server.run()
     finally:
         engine.close()
-
-
-def check_free(host: str, port: int) -> None:
-    """Fail now, in one line, rather than after loading the models, if the address cannot be listened on."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(infos[0][4])
-    except OSError as e:
-        raise FedptError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 @contextmanager

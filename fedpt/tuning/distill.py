@@ -18,10 +18,10 @@ import torch
 
 from fedpt.config import DistillConfig, RunConfig
 from fedpt.data import Example, encode_example, training_prompts, wikipedia_prompts
-from fedpt.decoding import GenerationConfig, generate
+from fedpt.decoding import Sampling, generate
 from fedpt.models import HFCausalLM, LanguageModel
-from fedpt.models.loading import open_large
 from fedpt.proxy import AdapterPair, ExpertPair, Fusion, ProxyTunedLM, SeparatePair
+from fedpt.proxy.spec import ModelSpec
 from fedpt.scoring import answer_batches
 from fedpt.tuning.costs import Stopwatch
 from fedpt.tuning.local import answer_logits, trainable_state
@@ -32,7 +32,7 @@ AfterRound = Callable[[int, Any, Any], dict | None]  # (round, model, tokenizer)
 def teacher_targets(teacher: LanguageModel, prompts: Sequence[str], config: DistillConfig, max_length: int,
                     progress: Any = None) -> list[tuple[Example, torch.Tensor, torch.Tensor]]:
     """The teacher's answers, and its top-k log-probs and token ids at every answer token."""
-    answers = generate(teacher, prompts, GenerationConfig(max_new_tokens=config.max_new_tokens), progress=progress)
+    answers = generate(teacher, prompts, Sampling(max_tokens=config.max_new_tokens), progress=progress)
     examples = [Example(p, a) for p, a in zip(prompts, answers) if a.strip()]
     targets: list = [None] * len(examples)
     for rows, ids, mask, lengths in answer_batches(teacher.tokenizer, examples, 4, max_length, True, progress,
@@ -91,7 +91,7 @@ def make_distiller(config: RunConfig) -> AfterRound | None:
         prompts = wikipedia_prompts(settings.n_texts, config.seed)
     else:
         prompts = training_prompts(config.data, settings.n_texts, config.seed)
-    large = open_large(config.model, dtype=config.tuning.dtype)
+    large = ModelSpec.from_config(config.model, dtype=config.tuning.dtype).open_large()
     # full fine-tuning keeps no base inside the trained model: the teacher reads a frozen copy beside it
     base = (HFCausalLM.load(config.model.small, dtype=config.tuning.dtype, device=config.model.device)
             if config.tuning.mode == "full" else None)

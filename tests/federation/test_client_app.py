@@ -5,7 +5,8 @@ import pytest
 from fedpt import config as cfg
 from fedpt.data import load_splits
 from fedpt.errors import FedptError
-from fedpt.federation.client_app import client_examples, round_seed
+from fedpt.federation.client_app import client_examples
+from fedpt.federation.partition import round_seed
 
 
 def test_round_seed_depends_on_run_round_and_client_only():

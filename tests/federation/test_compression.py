@@ -119,11 +119,11 @@ def test_clients_sending_int4_updates_train_the_model_and_report_the_bytes_sent(
 def test_the_server_reads_a_compressed_update_as_weights_and_rejects_a_malformed_one(in_a_flower_task, tmp_path):
     from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-    from fedpt.federation.server_app import Federation
+    from fedpt.federation.rounds import Collector
     from fedpt.federation.strategy import check_update
 
     run = cfg.replace(cfg.RunConfig(), out=str(tmp_path / "never-written"), federation={"update_format": "int8"})
-    server = Federation(run, grid=None)
+    server = Collector(run, grid=None, privacy=None, sizes={})
     state = {"w": np.ones((3, 100), np.float32)}
     update = {"w": np.random.default_rng(0).normal(0, 0.01, (3, 100)).astype(np.float32)}
 

@@ -72,17 +72,19 @@ def reply(weights, node):
 
 
 def aggregate(global_weights, clients, tmp_path, seed=0, **privacy):
-    """The server's own aggregation step (Federation._aggregate) for one round of central DP."""
-    from fedpt.federation.server_app import Federation
+    """The server's own aggregation step (fedpt.federation.rounds.aggregate) for one round of central DP."""
+    from fedpt.federation.rounds import RoundResult
+    from fedpt.federation.rounds import aggregate as server_aggregate
+    from fedpt.federation.strategy import clean_reply
 
     run = cfg.replace(cfg.RunConfig(), seed=seed, out=str(tmp_path / "never-written"),
                       federation={"clients": len(clients), "rounds": 1},
                       privacy={"dp": "central", **privacy})
-    federation = Federation(run, grid=None)
-    strategy = federation._private(build_strategy(run.federation))
+    privacy = dp.RunPrivacy(run)
     state = {"w": np.asarray(global_weights, dtype=np.float32)}
     accepted = {pid: reply(state["w"] + np.asarray(u, np.float32), pid + 1) for pid, u in enumerate(clients)}
-    new, failed = federation._aggregate(strategy, 1, accepted, state)
+    result = RoundResult(replies=[clean_reply(accepted[pid], uniform=True) for pid in sorted(accepted)])
+    new, failed = server_aggregate(build_strategy(run.federation), 1, result, state, privacy)
     assert failed is None, failed
     assert not (tmp_path / "never-written").exists()
     return new["w"].astype(np.float64) - state["w"]

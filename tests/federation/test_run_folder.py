@@ -10,6 +10,13 @@ from fedpt.errors import FedptError
 from fedpt.federation.run_folder import DONE, METRICS, SERVER_STATE, STATE, RunFolder, read_metrics
 
 
+def begin(folder: RunFolder, config, resume: bool) -> int:
+    """What the server does at the start of a run: check the folder, then claim it."""
+    start = folder.check(resume)
+    folder.claim(config, start)
+    return start
+
+
 class Saved:
     """Stands in for a model and a tokenizer: save_pretrained writes one file."""
 
@@ -32,14 +39,14 @@ def save(folder, server_round, done=True):
 def test_a_run_resumes_after_its_last_completed_round(tmp_path):
     run = cfg.load(None, [], out=str(tmp_path))
     folder = RunFolder(tmp_path)
-    assert folder.begin(run, resume=False) == 0
+    assert begin(folder, run, resume=False) == 0
     folder.append_metrics({"round": 0, "global": {"nll": 2.0}})
     save(folder, 1)
     save(folder, 2, done=False)  # the server died before marking round 2 done
     with pytest.raises(FedptError, match="already holds a run"):
-        RunFolder(tmp_path).begin(run, resume=False)
+        begin(RunFolder(tmp_path), run, resume=False)
     again = RunFolder(tmp_path)
-    assert again.begin(run, resume=True) == 1
+    assert begin(again, run, resume=True) == 1
     assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1]  # round 2's row is dropped
     state, strategy = again.load_round(1)
     np.testing.assert_array_equal(state["w"], [1, 1])
@@ -52,7 +59,7 @@ def test_a_run_resumes_after_its_last_completed_round(tmp_path):
 
 def test_resume_needs_a_run_and_metrics_need_a_folder(tmp_path):
     with pytest.raises(FedptError, match="nothing to resume"):
-        RunFolder(tmp_path).begin(cfg.RunConfig(), resume=True)
+        begin(RunFolder(tmp_path), cfg.RunConfig(), resume=True)
     with pytest.raises(FedptError, match="has no metrics.jsonl"):
         read_metrics(tmp_path)
 
@@ -60,7 +67,7 @@ def test_resume_needs_a_run_and_metrics_need_a_folder(tmp_path):
 def three_rounds(tmp_path):
     run = cfg.load(None, [], out=str(tmp_path))
     folder = RunFolder(tmp_path)
-    folder.begin(run, resume=False)
+    begin(folder, run, resume=False)
     folder.append_metrics({"round": 0, "global": {"nll": 2.0}})
     for r in (1, 2, 3):
         save(folder, r)
@@ -77,7 +84,7 @@ def test_resume_falls_back_to_the_last_intact_round_and_says_so(tmp_path, damage
     run = three_rounds(tmp_path)
     damage(tmp_path / "round-3")
     folder = RunFolder(tmp_path)
-    assert folder.begin(run, resume=True) == 2
+    assert begin(folder, run, resume=True) == 2
     assert words in folder.note and "continuing after round 2" in folder.note
     assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2]
 
@@ -89,7 +96,7 @@ def test_a_torn_metrics_line_is_repaired_by_resume_and_named_otherwise(tmp_path)
     assert [r["round"] for r in read_metrics(tmp_path, drop_torn_tail=True)] == [0, 1, 2, 3]
     with pytest.raises(FedptError, match="line 5 is not a metrics row"):
         read_metrics(tmp_path)
-    assert RunFolder(tmp_path).begin(run, resume=True) == 3
+    assert begin(RunFolder(tmp_path), run, resume=True) == 3
     assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
 
 
@@ -97,7 +104,7 @@ def test_files_fedpt_did_not_create_are_left_alone(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     run = cfg.load(None, [], out=str(tmp_path))
     folder = RunFolder(tmp_path)
-    folder.begin(run, resume=False)  # a folder with other files is fine
+    begin(folder, run, resume=False)  # a folder with other files is fine
     save(folder, 1)
     folder.write_final(1)
     assert (tmp_path / "notes.txt").read_text() == "mine"
@@ -106,7 +113,7 @@ def test_files_fedpt_did_not_create_are_left_alone(tmp_path):
         other.mkdir()
         (other / name).mkdir() if name == "final" else (other / name).write_text("user data")
         with pytest.raises(FedptError, match=f"already holds a run \\({name}"):
-            RunFolder(other).begin(run, resume=False)
+            begin(RunFolder(other), run, resume=False)
     (tmp_path / "final" / ".fedpt-final").unlink()  # a final/ fedpt cannot prove it wrote: not replaced
     with pytest.raises(FedptError, match="was not written by fedpt"):
         folder.write_final(1)

@@ -77,7 +77,7 @@ def test_qlora_client_trains_in_4_bit(tiny):
 def test_decoding_and_scoring_stay_on_the_gpu_with_a_host_large_model(tiny, tiny_adapter, encode):
     """The small pair on the GPU, the large model on the CPU (as a black box would be): fusion happens on the GPU,
     and greedy decoding gives the tokens an all-CPU proxy gives."""
-    from fedpt.decoding import GenerationConfig, generate_tokens
+    from fedpt.decoding import Sampling, generate_tokens
     from fedpt.models import HFCausalLM
     from fedpt.proxy import ProxyTunedLM, load_expert
 
@@ -88,6 +88,6 @@ def test_decoding_and_scoring_stay_on_the_gpu_with_a_host_large_model(tiny, tiny
     logprobs, _ = on_gpu.start(ids, mask)
     assert logprobs.device.type == "cuda"
     prompts = [[int(t) for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)]
-    config = GenerationConfig(max_new_tokens=6)
-    assert generate_tokens(on_gpu, prompts, config, torch.Generator()) == \
-        generate_tokens(on_cpu, prompts, config, torch.Generator())
+    config = Sampling(max_tokens=6)
+    assert generate_tokens(on_gpu, prompts, config) == \
+        generate_tokens(on_cpu, prompts, config)

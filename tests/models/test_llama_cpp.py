@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedpt.data import encode_prompt
-from fedpt.decoding import GenerationConfig, generate_tokens
+from fedpt.decoding import Sampling, generate_tokens
 from fedpt.models import HFCausalLM, pad_left, store
 from fedpt.models.hf import load_tokenizer
 
@@ -40,8 +40,7 @@ def cpp():
 
 
 def greedy(lm, tokenizer, prompt, n=8):
-    return generate_tokens(lm, [encode_prompt(tokenizer, prompt)], GenerationConfig(max_new_tokens=n),
-                           torch.Generator())[0]
+    return generate_tokens(lm, [encode_prompt(tokenizer, prompt)], Sampling(max_tokens=n))[0]
 
 
 def test_llama_cpp_agrees_with_transformers_on_the_same_weights(cpp):

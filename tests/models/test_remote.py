@@ -9,12 +9,12 @@ import pytest
 import torch
 from fake_openai_server import FakeServer
 
-from fedpt.decoding import GenerationConfig, generate
+from fedpt.decoding import Sampling, generate
 from fedpt.errors import FedptError
 from fedpt.models import HFCausalLM
 from fedpt.models.loading import open_lm
 from fedpt.models.remote import Endpoint, RemoteLM
-from fedpt.proxy import AdapterPair, ProxyTunedLM
+from fedpt.proxy import AdapterPair, Fusion, ProxyTunedLM
 from fedpt.proxy.fusion import fill_tail
 
 PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "hello"]
@@ -37,9 +37,10 @@ def test_full_vocabulary_through_the_server_equals_the_local_proxy(tiny, large, 
         ids, mask = encode(tokenizer)
         torch.testing.assert_close(black_box.logprobs(ids, mask, 3), large.logprobs(ids, mask, 3), atol=1e-5, rtol=0)
         pair = AdapterPair(peft_model, tokenizer)
-        torch.testing.assert_close(ProxyTunedLM(black_box, pair, alpha=0.8).logprobs(ids, mask, 3),
-                                   ProxyTunedLM(large, pair, alpha=0.8).logprobs(ids, mask, 3), atol=1e-5, rtol=0)
-        config = GenerationConfig(max_new_tokens=6)
+        steer = Fusion(alpha=0.8)
+        torch.testing.assert_close(ProxyTunedLM(black_box, pair, fusion=steer).logprobs(ids, mask, 3),
+                                   ProxyTunedLM(large, pair, fusion=steer).logprobs(ids, mask, 3), atol=1e-5, rtol=0)
+        config = Sampling(max_tokens=6)
         assert generate(ProxyTunedLM(black_box, pair), PROMPTS, config) == generate(ProxyTunedLM(large, pair), PROMPTS,
                                                                                     config)
 
@@ -50,8 +51,9 @@ def test_alpha_zero_with_any_k_decodes_like_the_large_model(tiny, large, lora, k
     # token ids as keys: with token strings, a top token whose text several ids share (a partial UTF-8 byte, which
     # this random model likes) cannot be attributed and goes to the tail
     with FakeServer(large, ids_as_keys=True) as server:
-        proxy = ProxyTunedLM(remote(server, tiny, top_k=k), AdapterPair(peft_model, tokenizer), alpha=0.0)
-        config = GenerationConfig(max_new_tokens=6)
+        proxy = ProxyTunedLM(remote(server, tiny, top_k=k), AdapterPair(peft_model, tokenizer),
+                             fusion=Fusion(alpha=0.0))
+        config = Sampling(max_tokens=6)
         assert generate(proxy, PROMPTS, config) == generate(large, PROMPTS, config)
 
 

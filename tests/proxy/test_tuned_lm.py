@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fedpt.decoding import GenerationConfig, generate
+from fedpt.decoding import Sampling, generate
 from fedpt.errors import FedptError
 from fedpt.models import HFCausalLM
-from fedpt.proxy import AdapterPair, ProxyTunedLM, SeparatePair, load_expert
+from fedpt.proxy import AdapterPair, Fusion, ProxyTunedLM, SeparatePair, load_expert
 
 PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "hello"]
 
@@ -14,7 +14,7 @@ PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "h
 def test_combination_formula_and_shared_weight_pair(tiny, lora, encode):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
     peft_model, tokenizer = lora()
-    proxy = ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), alpha=0.7)
+    proxy = ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), fusion=Fusion(alpha=0.7))
     ids, mask = encode(tokenizer)
     got = proxy.logprobs(ids, mask, last=4)
 
@@ -32,8 +32,8 @@ def test_combination_formula_and_shared_weight_pair(tiny, lora, encode):
 def test_alpha_zero_equals_large(tiny, lora, encode):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
     peft_model, tokenizer = lora()
-    proxy = ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), alpha=0.0)
-    config = GenerationConfig(max_new_tokens=12)
+    proxy = ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), fusion=Fusion(alpha=0.0))
+    config = Sampling(max_tokens=12)
     assert generate(proxy, PROMPTS, config) == generate(large, PROMPTS, config)
     ids, mask = encode(tokenizer)
     torch.testing.assert_close(proxy.logprobs(ids, mask, 3), large.logprobs(ids, mask, 3), atol=1e-5, rtol=0)
@@ -45,7 +45,7 @@ def test_tuned_equal_to_base_equals_large(tiny, lora, encode):
     small = HFCausalLM.load(tiny["small"], dtype="float32")
     ids, mask = encode(tokenizer)
     for expert in (AdapterPair(peft_model, tokenizer), SeparatePair(small, small)):
-        proxy = ProxyTunedLM(large, expert, alpha=2.0)
+        proxy = ProxyTunedLM(large, expert, fusion=Fusion(alpha=2.0))
         torch.testing.assert_close(proxy.logprobs(ids, mask, 5), large.logprobs(ids, mask, 5), atol=1e-5, rtol=0)
 
 
@@ -53,8 +53,8 @@ def test_batched_equals_unbatched(tiny, lora, encode):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
     peft_model, tokenizer = lora()
     proxy = ProxyTunedLM(large, AdapterPair(peft_model, tokenizer))
-    together = generate(proxy, PROMPTS, GenerationConfig(max_new_tokens=10, batch_size=3))
-    alone = generate(proxy, PROMPTS, GenerationConfig(max_new_tokens=10, batch_size=1))
+    together = generate(proxy, PROMPTS, Sampling(max_tokens=10), max_batch=3)
+    alone = generate(proxy, PROMPTS, Sampling(max_tokens=10), max_batch=1)
     assert together == alone
     ids, mask = encode(tokenizer)
     rows = proxy.logprobs(ids, mask, last=2)
@@ -67,7 +67,7 @@ def test_batched_equals_unbatched(tiny, lora, encode):
 def test_cached_steps_equal_full_recompute(tiny, lora, encode, kind):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
     peft_model, tokenizer = lora()
-    lm = large if kind == "large" else ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), alpha=1.5)
+    lm = large if kind == "large" else ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), fusion=Fusion(alpha=1.5))
     ids, mask = encode(tokenizer)
     continuation = torch.randint(3, len(tokenizer), (3, 6), generator=torch.Generator().manual_seed(0))
     stepped = [lm.start(ids, mask)[0]]

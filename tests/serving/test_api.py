@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from fedpt.data import Example, encode_example
-from fedpt.decoding import GenerationConfig, generate
+from fedpt.decoding import Sampling, generate
 from fedpt.models import HFCausalLM, LanguageModel
 from fedpt.models.remote import Endpoint, RemoteLM
-from fedpt.proxy import AdapterPair, ProxyTunedLM
+from fedpt.proxy import AdapterPair, Fusion, ProxyTunedLM
 from fedpt.scoring import response_logprobs
 from fedpt.serving import Limits, running
 
@@ -26,7 +26,7 @@ KEY_ENV = "FEDPT_TEST_SERVER_KEY"
 
 @pytest.fixture(scope="module")
 def proxy(tiny, lora):
-    return ProxyTunedLM(HFCausalLM.load(tiny["large"], dtype="float32"), AdapterPair(*lora()), alpha=1.0)
+    return ProxyTunedLM(HFCausalLM.load(tiny["large"], dtype="float32"), AdapterPair(*lora()), fusion=Fusion(alpha=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def served(proxy):
 
 
 def local(lm, prompt: str, tokens: int, chat: bool) -> str:
-    return generate(lm, [prompt], GenerationConfig(max_new_tokens=tokens, chat=chat))[0]
+    return generate(lm, [prompt], Sampling(max_tokens=tokens), chat=chat)[0]
 
 
 def test_models_lists_the_served_name(served):
@@ -59,6 +59,19 @@ def test_completion_and_chat_equal_fedpt_generate(served, proxy):
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].message.content == local(proxy, PROMPTS[0], 8, chat=True)
     assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("sampling", [Sampling(max_tokens=10), Sampling(max_tokens=10, temperature=1.0, top_p=0.9,
+                                                                            seed=7)])
+def test_generate_and_serve_give_the_same_tokens(served, proxy, sampling):
+    """One engine under both: a batch of prompts generated offline equals each prompt served, greedy or seeded."""
+    client, _ = served
+    offline = generate(proxy, PROMPTS, sampling, chat=False, max_batch=3)
+    for prompt, expected in zip(PROMPTS, offline):
+        reply = client.completions.create(model="tiny-proxy", prompt=prompt, max_tokens=sampling.max_tokens,
+                                          temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+        assert reply.choices[0].text == expected
+    assert len(set(offline)) > 1
 
 
 def test_ignore_eos_decodes_exactly_max_tokens(served):
@@ -135,8 +148,8 @@ def test_a_fedpt_server_is_the_black_box_of_another(served, proxy):
     os.environ[KEY_ENV] = "s3cret-key"
     remote = RemoteLM(Endpoint(url, api_key_env=KEY_ENV, top_k=20), proxy.tokenizer)
     assert remote.token_prompts
-    assert generate(remote, PROMPTS[:3], GenerationConfig(max_new_tokens=6)) == \
-        generate(proxy, PROMPTS[:3], GenerationConfig(max_new_tokens=6))
+    assert generate(remote, PROMPTS[:3], Sampling(max_tokens=6)) == \
+        generate(proxy, PROMPTS[:3], Sampling(max_tokens=6))
 
 
 @pytest.mark.parametrize("body, status, words", [

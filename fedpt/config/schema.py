@@ -1,5 +1,6 @@
-"""The run configuration: the whole schema in one torch-free file, read from TOML, `--set` overrides, or
-Flower's flat run config.
+"""The run configuration's schema: every section, each key typed by its annotation with one default, each
+section checking its own values; torch-free. (Reading it from TOML, `--set` overrides or Flower's flat run
+config: reading.py.)
 
 Sections: `[model]`, `[data]`, `[federation]`, `[privacy]`, `[tuning]`, `[distill]`, `[experiment]` (every key is in
 configs/chatterbot.toml). Flower's run config is the same tree flattened with dots ("tuning.lora_r"), with
@@ -8,13 +9,9 @@ lists written as comma-separated text. Each section checks its own values and sa
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
-import tomllib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedpt.errors import FedptError
@@ -60,7 +57,7 @@ class DataConfig:
     response_field: str = "response"
     group_field: str = ""  # column for natural partitions; chatterbot uses its category
     split: str = "train"  # split of a Hugging Face dataset
-    categories: Sequence[str] = ()  # chatterbot only: restrict to these category files
+    categories: list[str] = field(default_factory=list)  # chatterbot only: restrict to these category files
     test_percent: int = 10
     validation_percent: int = 10
 
@@ -176,13 +173,13 @@ class TuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    target_modules: Sequence[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    learning_rate: float = 2e-4
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    learning_rate: float = 5e-4
     weight_decay: float = 0.0
     batch_size: int = 4
     max_length: int = 96
     pad_multiple: int = 16  # batch widths padded to a multiple: few shapes, so CPU kernel caches stop growing
-    local_steps: int = 10
+    local_steps: int = 8
     local_epochs: float = 0.0  # when > 0, train this many passes over the client's data instead of local_steps
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss
     dtype: str = "auto"  # of the frozen weights (auto: bfloat16 where computed natively, else float32); trained
@@ -237,8 +234,8 @@ class ExperimentConfig:
     """What `fedpt experiment` compares and sweeps (the run's other sections are the shared recipe)."""
 
     alpha: float = 1.0  # the proxy's alpha as configured (FedPT as published)
-    alphas: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5])  # swept, chosen on validation
-    fusion_weights: list = field(default_factory=lambda: [0.25, 0.5, 0.75])  # geometric mixtures, on validation
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5])  # swept, chosen on validation
+    fusion_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # geometric mixtures, on validation
     dynamic: bool = True  # also the per-token (dynamic logit fusion) alpha
     metric: str = "rouge"  # "rouge": ROUGE-L and exact match of greedy answers; "choice": accuracy over the answers
     test_examples: int = 0  # 0: the whole test split
@@ -272,7 +269,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=default_data)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    tuning: TuneConfig = field(default_factory=lambda: TuneConfig(learning_rate=5e-4, local_steps=8))
+    tuning: TuneConfig = field(default_factory=TuneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
@@ -305,10 +302,13 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def flat(self) -> dict[str, Any]:
-        """Flower's run-config form: dotted keys, scalar values, lists as comma-separated text."""
+    def flat(self, sections: Sequence[str] | None = None) -> dict[str, Any]:
+        """Flower's run-config form: dotted keys, scalar values, lists as comma-separated text; only `sections`
+        (and the top-level keys) when given."""
         out: dict[str, Any] = {}
         for key, value in self.to_dict().items():
+            if sections is not None and key in SECTIONS and key not in sections:
+                continue
             if isinstance(value, dict):
                 for inner, v in value.items():
                     out[f"{key}.{inner}"] = ",".join(map(str, v)) if isinstance(v, list | tuple) else v
@@ -317,110 +317,8 @@ class RunConfig:
         return out
 
 
+# what a client reads of the run config: the server sends these sections only
+CLIENT_SECTIONS = ("model", "data", "federation", "privacy", "tuning")
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "federation": FederationConfig, "privacy": PrivacyConfig,
             "tuning": TuneConfig,
             "distill": DistillConfig, "experiment": ExperimentConfig}
-LIST_FIELDS = {("data", "categories"), ("tuning", "target_modules"), ("experiment", "alphas"),
-               ("experiment", "fusion_weights")}
-
-
-def from_dict(tree: dict[str, Any], where: str = "config") -> RunConfig:
-    """Build and check a RunConfig from a nested dict; unknown keys and wrong types are one-line errors."""
-    top = {f.name for f in fields(RunConfig)}
-    unknown = set(tree) - top
-    if "kd_every" in unknown:
-        raise FedptError(f"{where}: the distillation loop's kd_every is written `[distill] every = K` here")
-    if unknown:
-        raise FedptError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(top)}")
-    values: dict[str, Any] = {}
-    for key, value in tree.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise FedptError(f"{where}: [{key}] must be a table")
-            values[key] = section(key, value, where)
-        else:
-            values[key] = value
-    if not isinstance(values.get("seed", 0), int):
-        raise FedptError(f"{where}: seed must be an integer")
-    return RunConfig(**values)
-
-
-def section(name: str, values: dict[str, Any], where: str = "config") -> Any:
-    """One section (e.g. "tuning") from its values, with types checked against the defaults."""
-    cls = SECTIONS[name]
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise FedptError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
-    defaults = cls()
-    clean = {}
-    for key, value in values.items():
-        if (name, key) in LIST_FIELDS and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-            if name == "experiment":
-                value = [float(v) for v in value]
-        expected = type(getattr(defaults, key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if expected in (list, tuple) and isinstance(value, list | tuple):
-            value = list(value)
-        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise FedptError(
-                f"{where}: {name}.{key} must be {expected.__name__}, got {type(value).__name__} {value!r}"
-            )
-        clean[key] = value
-    return cls(**clean)
-
-
-def _put(tree: dict[str, Any], dotted: str, value: Any, where: str) -> None:
-    """Set tree["a"]["b"] = value for the key "a.b", making sections on the way."""
-    *parents, leaf = dotted.strip().split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise FedptError(f"{where}: '{part}' is not a section")
-    node[leaf] = value
-
-
-def load(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> RunConfig:
-    """Read a config file (TOML, or the config.json a run saves) or the defaults, apply `section.key=value`
-    overrides (values in TOML syntax), then the `fixed` top-level values."""
-    tree: dict[str, Any] = {}
-    where = "defaults"
-    if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FedptError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-            tree = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FedptError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
-        where = str(path)
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise FedptError(f"override '{item}' is not of the form key=value (e.g. federation.rounds=5)")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # bare text, e.g. federation.strategy=fedadam
-        _put(tree, key, value, f"override '{item}'")
-    tree.update(fixed)
-    return from_dict(tree, where)
-
-
-def from_flat(flat: dict[str, Any]) -> RunConfig:
-    """From Flower's run config (dotted keys)."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        _put(tree, key, value, "run config")
-    return from_dict(tree, "run config")
-
-
-def replace(config: RunConfig, **changes: Any) -> RunConfig:
-    """A copy with some fields of some sections changed, e.g. replace(c, federation={"rounds": 5}, seed=1)."""
-    changes = {name: dataclasses.replace(getattr(config, name), **value) if name in SECTIONS else value
-               for name, value in changes.items()}
-    return dataclasses.replace(config, **changes)

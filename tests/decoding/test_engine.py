@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from fedpt.data import encode_prompt
-from fedpt.decoding import GenerationConfig, generate_tokens
+from fedpt.decoding import Engine, QueueFull, Report, Request, Sampling, generate_tokens
 from fedpt.models import HFCausalLM, pad_left
-from fedpt.proxy import AdapterPair, ProxyTunedLM
-from fedpt.serving.engine import Engine, QueueFull, Report, Request, Sampling
+from fedpt.proxy import AdapterPair, Fusion, ProxyTunedLM
 
 PROMPTS = ["what is your name", "tell me a joke about a computer and a road", "hello", "write a python function",
            "good morning to you my friend", "a machine", "why did the chicken cross the road", "def add(a, b)"]
@@ -38,11 +37,11 @@ def run_all(engine: Engine, prompts: list[list[int]], sampling: Sampling) -> lis
 @pytest.fixture(scope="module")
 def proxy(tiny, lora):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
-    return ProxyTunedLM(large, AdapterPair(*lora()), alpha=1.0)
+    return ProxyTunedLM(large, AdapterPair(*lora()), fusion=Fusion(alpha=1.0))
 
 
 def alone(lm, prompt: list[int], tokens: int) -> list[int]:
-    return generate_tokens(lm, [prompt], GenerationConfig(max_new_tokens=tokens), torch.Generator())[0]
+    return generate_tokens(lm, [prompt], Sampling(max_tokens=tokens))[0]
 
 
 @pytest.mark.parametrize("which", ["large", "proxy"])

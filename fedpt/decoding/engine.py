@@ -1,10 +1,11 @@
-"""Continuous batching: one thread owns the model and decodes every running request in one batch.
+"""Continuous batching: the one decoding loop of fedpt, under `generate` (offline.py) and `fedpt serve` alike.
 
 A request joins the running batch at the next step (its prompt is read on its own, then its decoding state is
 joined to the batch's: LanguageModel.join) and leaves as soon as it is done - a stop token or text, its token
 budget, or its client gone (LanguageModel.select) - so nobody waits for the longest request of a batch.
 The engine knows nothing of HTTP: it reports to each request through a callback (fedpt/serving/api.py turns
-the reports into OpenAI responses).
+the reports into OpenAI responses). A server runs it in a thread of its own (`start`); offline generation
+drives it from the caller's thread (`run_until_idle`).
 """
 
 from __future__ import annotations
@@ -21,28 +22,16 @@ import torch
 from torch import Tensor
 
 from fedpt.data import pad_id
-from fedpt.decoding import choose
-from fedpt.errors import first_line
+from fedpt.decoding.sampling import Sampling, choose
+from fedpt.errors import FedptError, first_line
 from fedpt.models import LanguageModel, pad_left
 from fedpt.proxy.fusion import fill_tail
 
-log = logging.getLogger("fedpt.serve")
+log = logging.getLogger("fedpt.engine")
 
 
 class QueueFull(Exception):
     """More requests wait than the engine's queue holds."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 is greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    top_logprobs: int | None = None  # None: no log-probs; n: the chosen token's and the n most likely ones'
-    echo_logprobs: bool = False  # also report the prompt's own log-probs (scoring)
-    ignore_eos: bool = False  # decode through end tokens up to max_tokens (benchmarks; vLLM's extension)
 
 
 @dataclass
@@ -79,10 +68,13 @@ class Request:
 
 
 class Engine:
-    """Decodes the requests it is given, up to `max_batch` at a time, with at most `max_queue` more waiting."""
+    """Decodes the requests it is given, up to `max_batch` at a time, with at most `max_queue` more waiting
+    (0: no limit); `max_length` caps prompt + generated tokens of a request (None: no cap)."""
 
-    def __init__(self, lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, max_length: int = 4096):
-        self.lm, self.max_batch, self.max_length = lm, max_batch, max_length  # max_length: prompt + generated
+    def __init__(self, lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, max_length: int | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise FedptError(f"max_batch must be at least 1 and max_queue at least 0, got {max_batch} and {max_queue}")
+        self.lm, self.max_batch, self.max_length = lm, max_batch, max_length
         self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._running: list[Request] = []
         self._state: Any = None
@@ -93,6 +85,7 @@ class Engine:
         self.rows_decoded = 0
 
     def start(self) -> Engine:
+        """Decode in a thread of the engine's own (a server); requests are submitted from any thread."""
         self._thread.start()
         return self
 
@@ -113,10 +106,17 @@ class Engine:
     def load(self) -> dict[str, int]:
         return {"running": len(self._running), "waiting": self._waiting.qsize()}
 
+    def run_step(self) -> None:
+        """Admit waiting requests and decode one step, in the caller's thread (offline generation; never with
+        `start`). A model failure is raised; a prompt that fails to read ends only its own request."""
+        self._admit(block=False)
+        if self._running:
+            self._step()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._admit()
+                self._admit(block=not self._running)
                 if self._running:
                     self._step()
             except Exception as e:  # a failing model call ends the requests it served, never the engine
@@ -125,17 +125,15 @@ class Engine:
                     request.report(Report(finish_reason="error", error=first_line(e)))
                 self._running, self._state, self._logprobs = [], None, None
 
-    def _admit(self) -> None:
-        """Read the prompts of waiting requests (blocking while nothing runs) and join them to the batch."""
+    def _admit(self, block: bool) -> None:
+        """Read the prompts of waiting requests (waiting up to 0.1 s for one if `block`) and join them to the
+        batch."""
         new: list[Request] = []
         while len(self._running) + len(new) < self.max_batch:
             try:
-                block = not self._running and not new
-                request = self._waiting.get(timeout=0.1) if block else self._waiting.get_nowait()
+                request = self._waiting.get(timeout=0.1) if block and not new else self._waiting.get_nowait()
             except queue.Empty:
-                if self._running or new or self._stop.is_set():
-                    break
-                continue
+                break
             if request.cancelled.is_set():
                 request.report(Report(finish_reason="cancelled"))
                 continue
@@ -226,7 +224,7 @@ class Engine:
             return self._flush(request, text[:cut], info, "stop")
         if len(request.generated) >= sampling.max_tokens:
             return self._flush(request, text, info, "length")
-        if len(request.prompt) + len(request.generated) >= self.max_length:
+        if self.max_length is not None and len(request.prompt) + len(request.generated) >= self.max_length:
             return self._flush(request, text, info, "length")
         # hold back a tail that may still grow into a stop string, and an unfinished multi-byte character
         safe = len(text) - max((_overlap(text, s) for s in sampling.stop), default=0)

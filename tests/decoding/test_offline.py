@@ -1,10 +1,11 @@
-"""Decoding: the sampling rule itself (greedy, temperature, top-p, seeds), stop strings and stop tokens."""
+"""Decoding: the sampling rule itself (greedy, temperature, top-p, seeds), stop strings and stop tokens, and offline
+generation through the engine."""
 
 import pytest
 import torch
 
 from fedpt.data import encode_prompt
-from fedpt.decoding import GenerationConfig, choose, generate, generate_tokens, truncate_at_stop
+from fedpt.decoding import Sampling, choose, generate, generate_tokens
 from fedpt.errors import FedptError
 from fedpt.models import HFCausalLM
 
@@ -46,31 +47,38 @@ def test_seeds_decide_the_samples():
 
 def test_generation_is_reproducible_from_its_seed(tiny):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
-    sampled = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    sampled = Sampling(max_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     assert generate(large, PROMPTS, sampled) == generate(large, PROMPTS, sampled)
-    assert generate(large, PROMPTS, sampled) != generate(large, PROMPTS, GenerationConfig(
-        max_new_tokens=8, temperature=1.0, top_p=0.9, seed=4))
+    assert generate(large, PROMPTS, sampled) != generate(large, PROMPTS, Sampling(
+        max_tokens=8, temperature=1.0, top_p=0.9, seed=4))
 
 
 def test_generation_stops_at_stop_strings_and_stop_tokens(tiny):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
-    tokens = generate_tokens(large, [encode_prompt(large.tokenizer, "hello")], GenerationConfig(max_new_tokens=8),
-                             torch.Generator())
+    tokens = generate_tokens(large, [encode_prompt(large.tokenizer, "hello")], Sampling(max_tokens=8))
     text = large.tokenizer.decode(tokens[0])
     assert len(text) > 2
-    stopped = generate(large, ["hello"], GenerationConfig(max_new_tokens=8, stop=(text[1:3],)))
+    stopped = generate(large, ["hello"], Sampling(max_tokens=8, stop=(text[1:3],)))
     assert stopped == [text[: text.find(text[1:3])]]
+    # several stop strings: the text ends before the first one to appear, whatever their order
+    either = generate(large, ["hello"], Sampling(max_tokens=8, stop=(text[2:4], text[1:3])))
+    assert either == stopped
     large.eos_token_ids = set(range(len(large.tokenizer)))  # every token ends the answer
-    assert generate(large, ["hello"], GenerationConfig(max_new_tokens=8)) == [""]
+    assert generate(large, ["hello"], Sampling(max_tokens=8)) == [""]
 
 
-def test_truncate_at_the_first_stop_string():
-    assert truncate_at_stop("abc. def\nghi", [".", "\n"]) == "abc"
-    assert truncate_at_stop("abc", ["x"]) == "abc"
-
-
-@pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
-                                          ("batch_size", 0)])
+@pytest.mark.parametrize("field, value", [("max_tokens", -1), ("temperature", -1.0), ("temperature", float("inf")),
+                                          ("top_p", 0.0)])
 def test_bad_settings(field, value):
     with pytest.raises(FedptError, match=field):
-        GenerationConfig(**{field: value})
+        Sampling(**{field: value})
+
+
+def test_bad_generation_settings(tiny):
+    large = HFCausalLM.load(tiny["large"], dtype="float32")
+    with pytest.raises(FedptError, match="max_tokens"):
+        generate(large, ["hello"], Sampling(max_tokens=0))
+    with pytest.raises(FedptError, match="max_batch"):
+        generate(large, ["hello"], Sampling(max_tokens=2), max_batch=0)
+    with pytest.raises(FedptError, match="prompt 2 is empty"):
+        generate(large, ["hello", ""], Sampling(max_tokens=2), chat=False)

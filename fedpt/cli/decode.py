@@ -1,0 +1,178 @@
+"""`fedpt generate` and `fedpt serve`: the large model, proxy-tuned when a small pair is given, answering
+prompts from the command line or over HTTP. Both describe the model with one ModelSpec."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from fedpt.cli.app import app
+from fedpt.config import DTYPE_NAMES
+from fedpt.errors import FedptError
+from fedpt.runtime import check_free, quiet_transformers
+
+DTYPE_CHOICES = click.Choice(list(DTYPE_NAMES))
+
+MODEL, FUSION, REMOTE = "Model", "Fusion (with a small pair)", "Remote or GGUF large model"
+
+
+def option(panel: str, help: str, *names: str) -> Any:
+    """A typer option shown under `panel` in --help."""
+    return typer.Option(*names, help=help, rich_help_panel=panel)
+
+
+def model_spec(
+    large: Annotated[str | None, typer.Option(
+        help="large model: a registered name, a local HF folder, a GGUF file, or a server URL (http://HOST:PORT/v1) "
+             "answering /v1/completions with logprobs", rich_help_panel=MODEL)] = None,
+    small: Annotated[str | None, typer.Option(help="small base model (with --adapter): proxy-tune the large",
+                                              rich_help_panel=MODEL)] = None,
+    adapter: Annotated[Path | None, typer.Option(help="tuned small: LoRA adapter folder or full model folder",
+                                                 rich_help_panel=MODEL)] = None,
+    experiment: Annotated[Path | None, typer.Option(help="an experiment folder: its models, its FedPT adapter and the "
+                                                         "fusion it chose on validation (results.json)",
+                                                    rich_help_panel=MODEL)] = None,
+    dtype: Annotated[str, typer.Option(click_type=DTYPE_CHOICES, rich_help_panel=MODEL,
+                                       help="weights' number format (auto: bfloat16 where the hardware computes it "
+                                            "natively, else float32)")] = "auto",
+    device: Annotated[str, typer.Option(help="where the models run: auto (a CUDA GPU if torch sees one, else the "
+                                             "CPU), cpu, cuda, cuda:N, mps", rich_help_panel=MODEL)] = "auto",
+    spread_large: Annotated[bool, typer.Option("--spread-large", rich_help_panel=MODEL,
+                                               help="spread the large model over every GPU (one too big for one)")
+                            ] = False,
+    small_int8: Annotated[bool, typer.Option("--small-int8", rich_help_panel=MODEL,
+                                             help="int8 weights for the small pair: faster, a bit different")] = False,
+    alpha: Annotated[float | None, typer.Option(help="strength of the steering (default 1)",
+                                                rich_help_panel=FUSION)] = None,
+    weight: Annotated[float | None, typer.Option(help="share of the tuned small model in a geometric mixture with "
+                                                      "the proxy (0: the proxy alone)", rich_help_panel=FUSION)] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="choose alpha per token (dynamic logit fusion)",
+                                          rich_help_panel=FUSION)] = False,
+    tokenizer: Annotated[str | None, typer.Option(help="the model whose tokenizer it shares (default: --small)",
+                                                  rich_help_panel=REMOTE)] = None,
+    served_name: Annotated[str, typer.Option(help="with a URL: the served model's name (default: the first)",
+                                             rich_help_panel=REMOTE)] = "",
+    api_key_env: Annotated[str, typer.Option(help="with a URL: the NAME of the environment variable that holds the "
+                                                  "large server's API key (never the key itself)",
+                                             rich_help_panel=REMOTE)] = "",
+    top_k: Annotated[int, typer.Option(help="with a URL: log-probabilities asked per position",
+                                       rich_help_panel=REMOTE)] = 20,
+):
+    """The ModelSpec that `generate`'s and `serve`'s model options describe (checked in the options' words)."""
+    from fedpt.proxy import Fusion
+    from fedpt.proxy.spec import ModelSpec
+
+    steering = alpha is not None or weight is not None or dynamic
+    common = {"dtype": dtype, "device": device, "large_device_map": "auto" if spread_large else "",
+              "small_int8": small_int8, "tokenizer": tokenizer, "served_name": served_name,
+              "api_key_env": api_key_env, "top_k": top_k}
+    if experiment is not None:
+        from fedpt.llm import spec_from_experiment
+
+        if steering:
+            raise FedptError("--experiment brings the fusion it chose; drop --alpha, --weight and --dynamic")
+        return spec_from_experiment(experiment, large=large, small=small, adapter=adapter, **common)
+    if large is None:
+        raise FedptError("give --large (or --experiment)")
+    if (small is None) != (adapter is None):
+        raise FedptError("--small and --adapter go together: the small base model and its tuned version")
+    if small is None and steering:
+        raise FedptError("--alpha, --weight and --dynamic steer with a small pair: give --small and --adapter")
+    fusion = Fusion(alpha=1.0 if alpha is None else alpha, weight=weight or 0.0, dynamic=dynamic) if small else None
+    return ModelSpec(large=large, small=small, adapter=adapter, fusion=fusion, **common)
+
+
+MODEL_OPTIONS = list(inspect.signature(model_spec, eval_str=True).parameters.values())
+
+
+def with_model_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command(spec, ...)` as a command that takes the model options too (typer reads the signature) and passes
+    the ModelSpec they describe as `spec`."""
+    @functools.wraps(command)
+    def run(**options: Any) -> None:
+        spec = model_spec(**{p.name: options.pop(p.name) for p in MODEL_OPTIONS})
+        command(spec, **options)
+
+    own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]  # all but `spec`
+    run.__signature__ = inspect.Signature(own + MODEL_OPTIONS, return_annotation=None)  # type: ignore[attr-defined]
+    run.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "spec"}
+    del run.__wrapped__  # typer must read the signature above, not the command's own
+    return run
+
+
+@app.command()
+@with_model_options
+def generate(
+    spec: Any,
+    prompt: Annotated[str | None, option("Input", "one prompt")] = None,
+    prompts_file: Annotated[Path | None, option("Input", "a prompt per line, or .jsonl with 'prompt'")] = None,
+    max_new_tokens: Annotated[int, option("Decoding", "tokens to generate at most per prompt")] = 64,
+    temperature: Annotated[float, option("Decoding", "0 decodes greedily")] = 0.0,
+    top_p: Annotated[float, option("Decoding", "sample from the smallest set of tokens holding this much "
+                                              "probability (with --temperature > 0)")] = 1.0,
+    seed: Annotated[int, option("Decoding", "random seed of sampling")] = 0,
+    stop: Annotated[list[str] | None, option("Decoding", "stop at this text (repeatable)")] = None,
+    raw: Annotated[bool, option("Input", "do not apply the chat template", "--raw")] = False,
+    batch_size: Annotated[int, option("Decoding", "prompts decoded together")] = 8,
+) -> None:
+    """Continue prompts with the large model, proxy-tuned when --small and --adapter (or --experiment) are given."""
+    from rich.progress import Progress
+
+    from fedpt.data import read_prompts
+    from fedpt.decoding import Sampling, generate_each
+
+    if (prompt is None) == (prompts_file is None):
+        raise FedptError("give exactly one of --prompt or --prompts-file")
+    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    for option, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if value < 1:
+            raise FedptError(f"{option} must be at least 1, got {value}")
+    sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        stop=tuple(stop or ()))
+    quiet_transformers()
+    lm = spec.open()
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        for p, completion in zip(prompts, generate_each(lm, prompts, sampling, chat=not raw,
+                                                           max_batch=batch_size, progress=progress)):
+            # each answer is written as soon as it is done: a failure later loses none of them
+            print(completion if prompts_file is None else json.dumps({"prompt": p, "completion": completion},
+                                                                     ensure_ascii=False), flush=True)
+
+
+@app.command()
+@with_model_options
+def serve(
+    spec: Any,
+    host: Annotated[str, option("Server", "address to listen on (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, option("Server", "port to listen on")] = 8000,
+    name: Annotated[str, option("Server", "the model name clients ask for")] = "fedpt",
+    require_key_env: Annotated[str, option("Server", "the NAME of an environment variable holding the API key "
+                                                      "clients must send as a bearer token")] = "",
+    max_batch: Annotated[int, option("Limits", "requests decoded together")] = 8,
+    max_queue: Annotated[int, option("Limits", "requests that may wait; more are answered 429")] = 64,
+    max_prompt_tokens: Annotated[int, option("Limits", "longer prompts are answered 400")] = 2048,
+    max_tokens: Annotated[int, option("Limits", "most new tokens a request may ask for")] = 1024,
+    timeout: Annotated[float, option("Limits", "seconds a request may take, waiting included")] = 600.0,
+) -> None:
+    """Serve the large model, proxy-tuned when --small and --adapter (or --experiment) are given, over an
+    OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions."""
+    from fedpt.serving import Limits
+    from fedpt.serving import serve as run_server
+
+    if not 0 < port < 65536:
+        raise FedptError(f"--port must lie in 1..65535, got {port}")
+    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, timeout=timeout)
+    check_free(host, port)
+    quiet_transformers()
+    lm = spec.open()
+    print(f"serving {lm.name} as '{name}' at http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    run_server(lm, host, port, name=name, limits=limits, api_key_env=require_key_env, max_batch=max_batch,
+               max_queue=max_queue)

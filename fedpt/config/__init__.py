@@ -1,0 +1,35 @@
+"""The run configuration: the schema (schema.py, the one source of every key, its type and its default) and
+reading it (reading.py). Torch-free.
+
+Sections: `[model]`, `[data]`, `[federation]`, `[privacy]`, `[tuning]`, `[distill]`, `[experiment]`; every key is
+written out, with comments, in configs/chatterbot.toml (the defaults; a test keeps the two equal) and in
+flower/pyproject.toml (Flower keeps only the run-config keys an app declares; a test keeps it equal too).
+"""
+
+from fedpt.config.reading import from_dict, from_flat, load, replace, section
+from fedpt.config.schema import (
+    CLIENT_SECTIONS,
+    DEVICES,
+    DP_MODES,
+    DTYPE_NAMES,
+    PARTITIONS,
+    QUANTIZE,
+    SECTIONS,
+    STRATEGIES,
+    UPDATE_FORMATS,
+    DataConfig,
+    DistillConfig,
+    ExperimentConfig,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    RunConfig,
+    TuneConfig,
+    valid_device,
+)
+from fedpt.errors import FedptError
+
+__all__ = ["CLIENT_SECTIONS", "DEVICES", "DP_MODES", "DTYPE_NAMES", "PARTITIONS", "QUANTIZE", "SECTIONS", "STRATEGIES",
+           "UPDATE_FORMATS", "DataConfig", "DistillConfig", "ExperimentConfig", "FederationConfig", "FedptError",
+           "ModelConfig", "PrivacyConfig", "RunConfig", "TuneConfig", "from_dict", "from_flat", "load", "replace",
+           "section", "valid_device"]

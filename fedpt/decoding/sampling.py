@@ -1,0 +1,53 @@
+"""What a request asks of decoding (one config for `generate`, the experiment, distillation and `serve`), and
+the rule that picks the next token."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedpt.errors import FedptError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 16  # new tokens at most (0: read the prompt only, for echo scoring)
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh seed per request (sampling only)
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these texts
+    top_logprobs: int | None = None  # None: no log-probs; n: the chosen token's and the n most likely ones'
+    echo_logprobs: bool = False  # also report the prompt's own log-probs (scoring)
+    ignore_eos: bool = False  # decode through end tokens up to max_tokens (benchmarks; vLLM's extension)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise FedptError(f"max_tokens must be at least 0, got {self.max_tokens}")
+        if not (0 <= self.temperature and math.isfinite(self.temperature)):
+            raise FedptError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise FedptError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+def choose(logprobs: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
+    """Pick one token per row: argmax when temperature is 0, else sample from the top-p nucleus.
+
+    The draw is by inverse CDF from one uniform number per row, taken from `generator` (a CPU generator), so the
+    (rows x vocabulary) tensors stay on whatever device the model left them and a seed draws the same way there."""
+    if temperature == 0:
+        return logprobs.argmax(-1)
+    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # drop a token once the tokens ranked above it already hold top_p of the mass
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(len(probs), 1, generator=generator).to(cdf.device) * cdf[:, -1:]  # uniform over the kept mass
+    # the first token whose cumulative mass passes u: never a dropped (zero-probability) token
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

@@ -1,0 +1,70 @@
+"""One way to say which model to run: the large model, proxy-tuned when a small pair is given.
+
+The command line (`generate`, `serve`), the experiment, the demo, distillation's teacher and the library
+(`fedpt.load`) all describe a model with a ModelSpec and open it with `spec.open()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpt.config import ModelConfig
+from fedpt.errors import FedptError
+from fedpt.models import LanguageModel
+from fedpt.proxy.fusion import Fusion
+from fedpt.proxy.pair import ExpertPair, load_expert
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    large: str  # a registered name, a local HF folder, a GGUF file or gguf:NAME, or a server URL
+    small: str | None = None  # the small base model; with `adapter`, it proxy-tunes the large
+    adapter: str | Path | None = None  # the tuned small: a LoRA adapter folder or a fully fine-tuned model folder
+    fusion: Fusion | None = None  # how the three combine (default: alpha 1)
+    dtype: str = "auto"
+    device: str = "auto"
+    large_device_map: str = ""  # "auto": the large model spread over every GPU
+    small_int8: bool = False  # the small pair's frozen weights in int8
+    tokenizer: str | None = None  # a URL's or GGUF's tokenizer (default: the small model's)
+    served_name: str = ""  # a URL's model name ("" takes the server's first)
+    api_key_env: str = ""  # a URL's API key: the NAME of the environment variable that holds it
+    top_k: int = 20  # a URL's log-probabilities per position
+
+    def __post_init__(self) -> None:
+        if not self.large:
+            raise FedptError("a model spec needs a large model")
+        if (self.small is None) != (self.adapter is None):
+            raise FedptError("small and adapter go together: the small base model and its tuned version")
+        if self.small is None and self.fusion is not None:
+            raise FedptError("a fusion steers the large model with a small pair: give small and adapter")
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, *, adapter: str | Path | None = None, fusion: Fusion | None = None,
+                    dtype: str = "auto") -> ModelSpec:
+        """A run's models (its [model] section), proxy-tuned by `adapter` when one is given."""
+        return cls(large=model.large, small=model.small if adapter is not None else None, adapter=adapter,
+                   fusion=fusion, dtype=dtype, device=model.device, large_device_map=model.large_device_map,
+                   tokenizer=model.small, served_name=model.large_served_name, api_key_env=model.large_api_key_env,
+                   top_k=model.large_top_k)
+
+    def open_large(self) -> LanguageModel:
+        from fedpt.models.loading import open_lm
+
+        return open_lm(self.large, tokenizer=self.tokenizer or self.small, served_name=self.served_name,
+                       api_key_env=self.api_key_env, top_k=self.top_k, dtype=self.dtype, device=self.device,
+                       device_map=self.large_device_map)
+
+    def open_expert(self) -> ExpertPair:
+        if self.small is None or self.adapter is None:
+            raise FedptError(f"{self.large} has no small pair to open: give small and adapter")
+        return load_expert(self.small, self.adapter, dtype=self.dtype, device=self.device, int8=self.small_int8)
+
+    def open(self) -> LanguageModel:
+        """The large model alone, or proxy-tuned by the small pair with the spec's fusion."""
+        from fedpt.proxy.tuned_lm import ProxyTunedLM
+
+        large = self.open_large()
+        if self.small is None:
+            return large
+        return ProxyTunedLM(large, self.open_expert(), fusion=self.fusion or Fusion(alpha=1.0))

@@ -1,0 +1,122 @@
+"""The OpenAI protocol as fedpt's server speaks it: request types as pydantic models (the fields fedpt honours;
+unknown fields are ignored, known ones are checked), the error object, the server's limits, and the pieces of
+responses (usage, finish reasons, server-sent events).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse
+
+from fedpt.decoding import Report
+from fedpt.errors import FedptError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024  # most new tokens one request may ask for
+    default_chat_tokens: int = 256  # new tokens of a chat request that names no limit
+    max_body_bytes: int = 1 << 20
+    timeout: float = 600.0  # seconds a request may take, queueing included
+
+    def __post_init__(self) -> None:
+        for key in ("max_prompt_tokens", "max_tokens", "default_chat_tokens", "max_body_bytes", "timeout"):
+            value = getattr(self, key)
+            if not value > 0:  # NaN fails too
+                raise FedptError(f"{key} must be a positive number, got {value}")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# ---- requests: the fields fedpt honours; unknown fields are ignored, known ones are checked ----
+
+class RequestBase(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: "token_id:N" instead of the token's text
+    ignore_eos: bool = False  # vLLM's extension: decode through end tokens up to max_tokens (benchmarks)
+
+
+class CompletionRequest(RequestBase):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(RequestBase):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"'{where}': {first['msg']}" if where else first["msg"], param=where or None) from None
+
+
+def prompt_list(prompt: str | list) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def message_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+        raise APIError(400, "only text message parts are supported", param="messages")
+    return "".join(part["text"] for part in content)
+
+
+def finish_reason(report: Report) -> str | None:
+    return report.finish_reason if report.finish_reason in ("stop", "length") else None
+
+
+def usage(prompts: list[list[int]], results: list[list[Report]]) -> dict[str, int]:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(r.new_tokens for reports in results for r in reports)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -1,0 +1,69 @@
+"""The Python entry point: the README's library snippet runs as written (on tiny models), and `fedpt.load` gives
+what the pieces it composes give."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedpt
+from fedpt.decoding import Sampling, generate
+from fedpt.errors import FedptError
+from fedpt.models import HFCausalLM
+from fedpt.proxy import Fusion, ProxyTunedLM, load_expert
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_snippet() -> str:
+    library = README.read_text(encoding="utf-8").split("## Library\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", library, re.S).group(1)
+
+
+def test_the_readme_library_snippet_runs(tiny, tiny_adapter, monkeypatch, capsys):
+    served = {}
+    monkeypatch.setattr("fedpt.serving.serve", lambda lm, host, port, **options: served.update(lm=lm, port=port))
+    code = readme_snippet()
+    for name, path in [("qwen2.5-coder-1.5b-instruct", tiny["large"]), ("qwen2.5-coder-0.5b-instruct", tiny["small"]),
+                       ("runs/chatterbot/final", tiny_adapter)]:
+        assert f'"{name}"' in code
+        code = code.replace(f'"{name}"', f'"{path}"')
+    exec(compile(code, str(README), "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert eval(lines[1]) and len(eval(lines[1])) == 2  # two completions
+    [score] = eval(lines[2])
+    assert score < 0
+    assert isinstance(served["lm"], ProxyTunedLM) and served["port"] == 8000
+
+
+def test_load_composes_what_the_pieces_give(tiny, tiny_adapter):
+    llm = fedpt.load(large=str(tiny["large"]), small=str(tiny["small"]), adapter=tiny_adapter,
+                     fusion=fedpt.Fusion(alpha=0.5), dtype="float32", device="cpu")
+    by_hand = ProxyTunedLM(HFCausalLM.load(tiny["large"], dtype="float32"),
+                           load_expert(tiny["small"], tiny_adapter, dtype="float32"), fusion=Fusion(alpha=0.5))
+    prompts = ["hello", "what is your name"]
+    assert llm.generate(prompts, max_tokens=6) == generate(by_hand, prompts, Sampling(max_tokens=6))
+    assert llm.generate("hello", Sampling(max_tokens=6)) == generate(by_hand, ["hello"], Sampling(max_tokens=6))[0]
+    # the answer's log-probability: higher for what the model itself generates than for a random string
+    answer = llm.generate("hello", max_tokens=4)
+    good, bad = llm.score(["hello", "hello"], [answer, "zq xv"])
+    assert good > bad and torch.isfinite(torch.tensor([good, bad])).all()
+    alone = fedpt.load(large=str(tiny["large"]), dtype="float32")
+    assert isinstance(alone.lm, HFCausalLM)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"large": "x", "small": "y"}, "small and adapter go together"),
+    ({"large": "x", "fusion": Fusion(alpha=2)}, "a fusion steers"),
+    ({"large": ""}, "needs a large model"),
+])
+def test_bad_specs_are_one_line_errors(fields, message):
+    with pytest.raises(FedptError, match=message):
+        fedpt.ModelSpec(**fields)
+
+
+def test_a_spec_is_keyword_only():
+    with pytest.raises(TypeError):
+        fedpt.ModelSpec("large", "small")  # five strings in a row could be swapped unnoticed
