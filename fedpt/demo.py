@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fedpt.config import RunConfig, load
+from fedpt.config import RunConfig, load, replace
 from fedpt.data import load_splits
 from fedpt.decoding import Sampling, generate
 from fedpt.federation.simulation import simulate
@@ -33,7 +34,7 @@ def run_demo(config: RunConfig, n_questions: int = 6) -> None:
     final = simulate(config)
     console.print(f"   federated adapter: {final} ({time.time() - started:.0f} s)")
 
-    console.print(f"[bold]2. proxy-tuning[/] {config.model.large} with it")
+    console.print(f"[bold]2. proxy-tuning[/] {config.model.large} with it ({config.model.backend})")
     spec = ModelSpec.from_config(config.model, adapter=final, fusion=Fusion(alpha=1.0), dtype=config.tuning.dtype)
     large = spec.open_large()
     proxy = ProxyTunedLM(large, spec.open_expert(), fusion=spec.fusion)
@@ -59,5 +60,9 @@ def run_demo(config: RunConfig, n_questions: int = 6) -> None:
 
 
 def demo_config(out: Path | None = None) -> RunConfig:
-    """The embedded defaults, writing to a fresh folder under runs/demo/."""
-    return load(None, [], out=str(out or Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")))
+    """The embedded defaults, writing to a fresh folder under runs/demo/; the proxy runs in llama.cpp from the
+    pair's GGUF files where llama-cpp-python is installed (its fastest path; training stays in transformers)."""
+    config = load(None, [], out=str(out or Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S")))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        config = replace(config, model={"backend": "llama.cpp"})
+    return config

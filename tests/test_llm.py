@@ -58,6 +58,7 @@ def test_load_composes_what_the_pieces_give(tiny, tiny_adapter):
     ({"large": "x", "small": "y"}, "small and adapter go together"),
     ({"large": "x", "fusion": Fusion(alpha=2)}, "a fusion steers"),
     ({"large": ""}, "needs a large model"),
+    ({"large": "x", "backend": "onnx"}, "backend must be one of transformers, llama.cpp"),
 ])
 def test_bad_specs_are_one_line_errors(fields, message):
     with pytest.raises(FedptError, match=message):
@@ -67,3 +68,13 @@ def test_bad_specs_are_one_line_errors(fields, message):
 def test_a_spec_is_keyword_only():
     with pytest.raises(TypeError):
         fedpt.ModelSpec("large", "small")  # five strings in a row could be swapped unnoticed
+
+
+def test_the_llama_cpp_backend_needs_gguf_files_and_a_lora_adapter(tiny, tiny_adapter, tmp_path):
+    spec = fedpt.ModelSpec(large=str(tiny["large"]), backend="llama.cpp")
+    with pytest.raises(FedptError, match="has no GGUF file fedpt knows of"):
+        spec.open_large()
+    full = fedpt.ModelSpec(large=str(tiny["large"]), small=str(tiny["small"]), adapter=tiny["small"],
+                           backend="llama.cpp")
+    with pytest.raises(FedptError, match="is not a LoRA adapter folder"):
+        full.open_expert()

@@ -15,7 +15,7 @@ import click
 import typer
 
 from fedpt.cli.app import app
-from fedpt.config import DTYPE_NAMES
+from fedpt.config import BACKENDS, DTYPE_NAMES
 from fedpt.errors import FedptError
 from fedpt.runtime import check_free, quiet_transformers
 
@@ -24,47 +24,39 @@ DTYPE_CHOICES = click.Choice(list(DTYPE_NAMES))
 MODEL, FUSION, REMOTE = "Model", "Fusion (with a small pair)", "Remote or GGUF large model"
 
 
-def option(panel: str, help: str, *names: str) -> Any:
+def option(panel: str, help: str, *names: str, **kwargs: Any) -> Any:
     """A typer option shown under `panel` in --help."""
-    return typer.Option(*names, help=help, rich_help_panel=panel)
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kwargs)
 
 
 def model_spec(
-    large: Annotated[str | None, typer.Option(
-        help="large model: a registered name, a local HF folder, a GGUF file, or a server URL (http://HOST:PORT/v1) "
-             "answering /v1/completions with logprobs", rich_help_panel=MODEL)] = None,
-    small: Annotated[str | None, typer.Option(help="small base model (with --adapter): proxy-tune the large",
-                                              rich_help_panel=MODEL)] = None,
-    adapter: Annotated[Path | None, typer.Option(help="tuned small: LoRA adapter folder or full model folder",
-                                                 rich_help_panel=MODEL)] = None,
-    experiment: Annotated[Path | None, typer.Option(help="an experiment folder: its models, its FedPT adapter and the "
-                                                         "fusion it chose on validation (results.json)",
-                                                    rich_help_panel=MODEL)] = None,
-    dtype: Annotated[str, typer.Option(click_type=DTYPE_CHOICES, rich_help_panel=MODEL,
-                                       help="weights' number format (auto: bfloat16 where the hardware computes it "
-                                            "natively, else float32)")] = "auto",
-    device: Annotated[str, typer.Option(help="where the models run: auto (a CUDA GPU if torch sees one, else the "
-                                             "CPU), cpu, cuda, cuda:N, mps", rich_help_panel=MODEL)] = "auto",
-    spread_large: Annotated[bool, typer.Option("--spread-large", rich_help_panel=MODEL,
-                                               help="spread the large model over every GPU (one too big for one)")
-                            ] = False,
-    small_int8: Annotated[bool, typer.Option("--small-int8", rich_help_panel=MODEL,
-                                             help="int8 weights for the small pair: faster, a bit different")] = False,
-    alpha: Annotated[float | None, typer.Option(help="strength of the steering (default 1)",
-                                                rich_help_panel=FUSION)] = None,
-    weight: Annotated[float | None, typer.Option(help="share of the tuned small model in a geometric mixture with "
-                                                      "the proxy (0: the proxy alone)", rich_help_panel=FUSION)] = None,
-    dynamic: Annotated[bool, typer.Option("--dynamic", help="choose alpha per token (dynamic logit fusion)",
-                                          rich_help_panel=FUSION)] = False,
-    tokenizer: Annotated[str | None, typer.Option(help="the model whose tokenizer it shares (default: --small)",
-                                                  rich_help_panel=REMOTE)] = None,
-    served_name: Annotated[str, typer.Option(help="with a URL: the served model's name (default: the first)",
-                                             rich_help_panel=REMOTE)] = "",
-    api_key_env: Annotated[str, typer.Option(help="with a URL: the NAME of the environment variable that holds the "
-                                                  "large server's API key (never the key itself)",
-                                             rich_help_panel=REMOTE)] = "",
-    top_k: Annotated[int, typer.Option(help="with a URL: log-probabilities asked per position",
-                                       rich_help_panel=REMOTE)] = 20,
+    large: Annotated[str | None, option(MODEL, "large model: a registered name, a local HF folder, a GGUF file, or a "
+                                               "server URL (http://HOST:PORT/v1) answering /v1/completions with "
+                                               "logprobs")] = None,
+    small: Annotated[str | None, option(MODEL, "small base model (with --adapter): proxy-tune the large")] = None,
+    adapter: Annotated[Path | None, option(MODEL, "tuned small: LoRA adapter folder or full model folder")] = None,
+    experiment: Annotated[Path | None, option(MODEL, "an experiment folder: its models, its FedPT adapter and the "
+                                                     "fusion it chose on validation (results.json)")] = None,
+    backend: Annotated[str, option(MODEL, "what runs local models: transformers, or llama.cpp from their GGUF files "
+                                          "(the adapter converted to GGUF once)",
+                                   click_type=click.Choice(list(BACKENDS)))] = "transformers",
+    dtype: Annotated[str, option(MODEL, "weights' number format (auto: bfloat16 where the hardware computes it "
+                                        "natively, else float32)", click_type=DTYPE_CHOICES)] = "auto",
+    device: Annotated[str, option(MODEL, "where the models run: auto (a CUDA GPU if torch sees one, else the CPU), "
+                                         "cpu, cuda, cuda:N, mps")] = "auto",
+    spread_large: Annotated[bool, option(MODEL, "spread the large model over every GPU (one too big for one)",
+                                         "--spread-large")] = False,
+    small_int8: Annotated[bool, option(MODEL, "int8 weights for the small pair: faster, a bit different",
+                                       "--small-int8")] = False,
+    alpha: Annotated[float | None, option(FUSION, "strength of the steering (default 1)")] = None,
+    weight: Annotated[float | None, option(FUSION, "share of the tuned small model in a geometric mixture with the "
+                                                   "proxy (0: the proxy alone)")] = None,
+    dynamic: Annotated[bool, option(FUSION, "choose alpha per token (dynamic logit fusion)", "--dynamic")] = False,
+    tokenizer: Annotated[str | None, option(REMOTE, "the model whose tokenizer it shares (default: --small)")] = None,
+    served_name: Annotated[str, option(REMOTE, "with a URL: the served model's name (default: the first)")] = "",
+    api_key_env: Annotated[str, option(REMOTE, "with a URL: the NAME of the environment variable that holds the "
+                                               "large server's API key (never the key itself)")] = "",
+    top_k: Annotated[int, option(REMOTE, "with a URL: log-probabilities asked per position")] = 20,
 ):
     """The ModelSpec that `generate`'s and `serve`'s model options describe (checked in the options' words)."""
     from fedpt.proxy import Fusion
@@ -73,7 +65,7 @@ def model_spec(
     steering = alpha is not None or weight is not None or dynamic
     common = {"dtype": dtype, "device": device, "large_device_map": "auto" if spread_large else "",
               "small_int8": small_int8, "tokenizer": tokenizer, "served_name": served_name,
-              "api_key_env": api_key_env, "top_k": top_k}
+              "api_key_env": api_key_env, "top_k": top_k, "backend": backend}
     if experiment is not None:
         from fedpt.llm import spec_from_experiment
 

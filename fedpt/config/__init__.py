@@ -8,6 +8,7 @@ flower/pyproject.toml (Flower keeps only the run-config keys an app declares; a 
 
 from fedpt.config.reading import from_dict, from_flat, load, replace, section
 from fedpt.config.schema import (
+    BACKENDS,
     CLIENT_SECTIONS,
     DEVICES,
     DP_MODES,
@@ -29,7 +30,7 @@ from fedpt.config.schema import (
 )
 from fedpt.errors import FedptError
 
-__all__ = ["CLIENT_SECTIONS", "DEVICES", "DP_MODES", "DTYPE_NAMES", "PARTITIONS", "QUANTIZE", "SECTIONS", "STRATEGIES",
-           "UPDATE_FORMATS", "DataConfig", "DistillConfig", "ExperimentConfig", "FederationConfig", "FedptError",
-           "ModelConfig", "PrivacyConfig", "RunConfig", "TuneConfig", "from_dict", "from_flat", "load", "replace",
-           "section", "valid_device"]
+__all__ = ["BACKENDS", "CLIENT_SECTIONS", "DEVICES", "DP_MODES", "DTYPE_NAMES", "PARTITIONS", "QUANTIZE", "SECTIONS",
+           "STRATEGIES", "UPDATE_FORMATS", "DataConfig", "DistillConfig", "ExperimentConfig", "FederationConfig",
+           "FedptError", "ModelConfig", "PrivacyConfig", "RunConfig", "TuneConfig", "from_dict", "from_flat", "load",
+           "replace", "section", "valid_device"]

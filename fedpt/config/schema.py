@@ -27,6 +27,7 @@ def valid_device(name: str) -> bool:
     """Whether `name` is a device fedpt knows how to place models on (whether it is there is for torch to say)."""
     return name in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", name) is not None
 DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16")
+BACKENDS = ("transformers", "llama.cpp")
 
 
 @dataclass
@@ -40,10 +41,14 @@ class ModelConfig:
     device: str = "auto"  # where models run and train: "auto" (a CUDA GPU if torch sees one, else the CPU), "cpu",
     #                       "cuda", "cuda:N", "mps"
     large_device_map: str = ""  # "auto": spread the large model over every GPU (too big for one); "": on `device`
+    backend: str = "transformers"  # what runs the proxy's models where they are evaluated, generate and teach:
+    #                                "llama.cpp" runs them from their GGUF files (training stays in transformers)
 
     def __post_init__(self) -> None:
         if not valid_device(self.device):
             raise FedptError(f"model.device must be {DEVICES}, got '{self.device}'")
+        if self.backend not in BACKENDS:
+            raise FedptError(f"model.backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if self.large_device_map not in ("", "auto"):
             raise FedptError(f"model.large_device_map must be '' or 'auto', got '{self.large_device_map}'")
 

@@ -13,6 +13,7 @@ Three stages, each readable on its own:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -152,16 +153,16 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     """Score every model; return the rows, the fusion grid (validation and test) and the choices on validation.
 
     At most one large model and one small pair are in memory at a time."""
-    from fedpt.models import HFCausalLM
-    from fedpt.proxy import ProxyTunedLM, load_tuned
+    from fedpt.proxy import ProxyTunedLM
     from fedpt.proxy.spec import ModelSpec
 
-    small, large_weights, device = config.model.small, direct_model(config), config.model.device
+    small, large_weights = config.model.small, direct_model(config)
+    spec = ModelSpec.from_config(config.model)  # every model below runs on its backend
     fusions = fusions_for(config.experiment)
     published = Fusion(alpha=config.experiment.alpha)
     ev = Evaluation(config, data.test, data.validation, progress)
     rows = ev.rows
-    large = ModelSpec.from_config(config.model).open_large()
+    large = spec.open_large()
 
     expert = ModelSpec.from_config(config.model, adapter=trained.fedpt).open_expert()
     grid = ev.score_fusions(large, expert, fusions)
@@ -176,7 +177,7 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     ev.answers("fedpt_proxy", ProxyTunedLM(large, expert, fusion=published))
     ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=chosen_fusion))
     del expert
-    ev.answers("small_base", HFCausalLM.load(small, device=device))
+    ev.answers("small_base", dataclasses.replace(spec, large=small, large_device_map="").open_large())
 
     if trained.distill is not None:
         expert = ModelSpec.from_config(config.model, adapter=trained.distill).open_expert()
@@ -191,8 +192,7 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     for name, base, folder in [("small_central", small, trained.central),
                                ("large_direct", large_weights, trained.direct)]:
         if folder is not None:
-            tuned = load_tuned(base, folder, device=device,
-                               device_map=config.model.large_device_map if base == large_weights else "")
+            tuned = spec.open_tuned(base, folder, spread=base == large_weights)
             ev.score(name, tuned)
             ev.answers(name, tuned)
             del tuned

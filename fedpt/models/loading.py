@@ -34,3 +34,17 @@ def _tokenizer_for(name: str, tokenizer: str | None) -> str:
     if tokenizer is None:
         raise FedptError(f"{name}: give the small model (or --tokenizer) whose tokenizer it shares")
     return tokenizer
+
+
+def gguf_of(name: str) -> str:
+    """What the llama.cpp backend runs for `name`: a GGUF file as given, the verified GGUF of a registered name, or
+    a URL as it is (a server is its own backend)."""
+    from fedpt.models import store
+
+    if is_url(name) or name.endswith(".gguf"):
+        return name
+    name = name.removeprefix("gguf:")
+    if name in store.REGISTRY:
+        return str(store.gguf_file(name))
+    raise FedptError(f"{name} has no GGUF file fedpt knows of: give the llama.cpp backend a .gguf file or a "
+                     f"registered name ({', '.join(store.REGISTRY)})")

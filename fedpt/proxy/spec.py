@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpt.config import ModelConfig
+from fedpt.config import BACKENDS, ModelConfig
 from fedpt.errors import FedptError
 from fedpt.models import LanguageModel
 from fedpt.proxy.fusion import Fusion
@@ -30,10 +30,13 @@ class ModelSpec:
     served_name: str = ""  # a URL's model name ("" takes the server's first)
     api_key_env: str = ""  # a URL's API key: the NAME of the environment variable that holds it
     top_k: int = 20  # a URL's log-probabilities per position
+    backend: str = "transformers"  # or "llama.cpp": local models from their GGUF files, the adapter converted
 
     def __post_init__(self) -> None:
         if not self.large:
             raise FedptError("a model spec needs a large model")
+        if self.backend not in BACKENDS:
+            raise FedptError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if (self.small is None) != (self.adapter is None):
             raise FedptError("small and adapter go together: the small base model and its tuned version")
         if self.small is None and self.fusion is not None:
@@ -46,19 +49,32 @@ class ModelSpec:
         return cls(large=model.large, small=model.small if adapter is not None else None, adapter=adapter,
                    fusion=fusion, dtype=dtype, device=model.device, large_device_map=model.large_device_map,
                    tokenizer=model.small, served_name=model.large_served_name, api_key_env=model.large_api_key_env,
-                   top_k=model.large_top_k)
+                   top_k=model.large_top_k, backend=model.backend)
 
     def open_large(self) -> LanguageModel:
-        from fedpt.models.loading import open_lm
+        from fedpt.models.loading import gguf_of, open_lm
 
-        return open_lm(self.large, tokenizer=self.tokenizer or self.small, served_name=self.served_name,
+        large = gguf_of(self.large) if self.backend == "llama.cpp" else self.large
+        return open_lm(large, tokenizer=self.tokenizer or self.small or self.large, served_name=self.served_name,
                        api_key_env=self.api_key_env, top_k=self.top_k, dtype=self.dtype, device=self.device,
                        device_map=self.large_device_map)
 
     def open_expert(self) -> ExpertPair:
         if self.small is None or self.adapter is None:
             raise FedptError(f"{self.large} has no small pair to open: give small and adapter")
+        if self.backend == "llama.cpp":
+            return _llama_cpp_pair(self.small, self.adapter, self.tokenizer)
         return load_expert(self.small, self.adapter, dtype=self.dtype, device=self.device, int8=self.small_int8)
+
+    def open_tuned(self, base: str, folder: str | Path, spread: bool = False) -> LanguageModel:
+        """`base` tuned into `folder` (a LoRA adapter or a fully tuned model), alone, on this spec's backend and
+        device; `spread` puts it over the GPUs as the large model is (large_device_map)."""
+        from fedpt.proxy.pair import is_adapter, load_tuned
+
+        if self.backend == "llama.cpp" and is_adapter(folder):
+            return _llama_cpp_pair(base, folder, self.tokenizer or base).tuned
+        return load_tuned(base, folder, dtype=self.dtype, device=self.device,
+                          device_map=self.large_device_map if spread else "")
 
     def open(self) -> LanguageModel:
         """The large model alone, or proxy-tuned by the small pair with the spec's fusion."""
@@ -68,3 +84,23 @@ class ModelSpec:
         if self.small is None:
             return large
         return ProxyTunedLM(large, self.open_expert(), fusion=self.fusion or Fusion(alpha=1.0))
+
+
+def _llama_cpp_pair(small: str, adapter: str | Path, tokenizer: str | None) -> ExpertPair:
+    """The small pair in llama.cpp: one copy of the small model's GGUF weights, read by two LanguageModels, the
+    tuned one with the federated LoRA adapter (converted to GGUF once) switched on."""
+    from fedpt.models.gguf_lora import to_gguf
+    from fedpt.models.hf import load_tokenizer
+    from fedpt.models.llama_cpp import Context, LlamaCppLM
+    from fedpt.models.loading import gguf_of
+    from fedpt.proxy.pair import SeparatePair, is_adapter
+
+    if not is_adapter(adapter):
+        raise FedptError(f"{adapter} is not a LoRA adapter folder: the llama.cpp backend runs a small model tuned "
+                         "with LoRA (a fully tuned one runs with the transformers backend)")
+    gguf = Path(gguf_of(small))
+    context = Context(gguf)
+    words = load_tokenizer(tokenizer or small)
+    return SeparatePair(LlamaCppLM(context, words, name=f"{Path(small).name} (llama.cpp)"),
+                        LlamaCppLM(context, words, adapter=to_gguf(adapter, gguf),
+                                   name=f"{Path(small).name}+{Path(adapter).name} (llama.cpp)"))
