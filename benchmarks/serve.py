@@ -6,7 +6,8 @@ a thread with the `openai` client sending its requests one after another; every 
 tokens (`ignore_eos`, as serving benchmarks do), so every level does the same work per request. The concurrency
 levels run in turn, --rounds times, so a drift in machine speed hits all of them; figures are medians over rounds.
 
-    python benchmarks/serve.py [--adapter runs/blackbox/fedpt/final] [--tokens 32] [--out runs/benchmarks/serve.json]
+    python benchmarks/serve.py [--adapter runs/blackbox/fedpt/final] [--tokens 32] [--backend llama.cpp]
+                               [--out runs/benchmarks/serve.json]
 
 Without a trained adapter the experiment's LoRA recipe with random weights is timed (the cost of decoding does
 not depend on the adapter's values).
@@ -26,6 +27,7 @@ from fedpt import config as cfg
 from fedpt.models import HFCausalLM
 from fedpt.models.hf import torch_dtype
 from fedpt.proxy import Fusion, ProxyTunedLM, load_expert
+from fedpt.proxy.spec import ModelSpec
 from fedpt.runtime import setup_process
 from fedpt.serving import running
 
@@ -84,18 +86,28 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--backend", choices=["transformers", "llama.cpp"], default="transformers")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/serve.json"))
     args = parser.parse_args()
     setup_process()
 
-    if args.adapter.exists():
-        expert, adapter = load_expert(SMALL, args.adapter, dtype=args.dtype), str(args.adapter)
-    else:
-        from blackbox import random_expert
-
-        expert, adapter = random_expert(cfg.load("configs/experiment-chatterbot.toml")), "random (timing only)"
     fusion = Fusion(alpha=args.alpha, weight=args.weight)
-    lm = ProxyTunedLM(HFCausalLM.load(LARGE, dtype=args.dtype), expert, fusion=fusion)
+    if args.backend == "llama.cpp":  # the whole proxy from GGUF files, the adapter converted to GGUF
+        import tempfile
+
+        from backends import random_adapter
+
+        folder = args.adapter if args.adapter.exists() else random_adapter(Path(tempfile.mkdtemp()) / "adapter")
+        adapter = str(args.adapter) if args.adapter.exists() else "random (timing only)"
+        lm = ModelSpec(large=LARGE, small=SMALL, adapter=folder, fusion=fusion, backend="llama.cpp").open()
+    else:
+        if args.adapter.exists():
+            expert, adapter = load_expert(SMALL, args.adapter, dtype=args.dtype), str(args.adapter)
+        else:
+            from blackbox import random_expert
+
+            expert, adapter = random_expert(cfg.load("configs/experiment-chatterbot.toml")), "random (timing only)"
+        lm = ProxyTunedLM(HFCausalLM.load(LARGE, dtype=args.dtype), expert, fusion=fusion)
     runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     with running(lm, max_batch=max(args.concurrency)) as url:
         client(url, PROMPTS[:1], 4)  # warm-up
@@ -111,6 +123,7 @@ def main() -> None:
         row["throughput_ratio_to_one_client"] = row["tokens_per_s"] / one
     top = table[str(max(args.concurrency))]["throughput_ratio_to_one_client"]
     result = {"benchmark": "serve", "small": SMALL, "large": LARGE, "adapter": adapter, "fusion": fusion.label,
+              "backend": args.backend,
               "dtype": f"{args.dtype} ({str(torch_dtype(args.dtype)).removeprefix('torch.')})",
               "tokens_per_request": args.tokens, "requests_per_client": args.requests_each,
               "machine": {"cpus": os.cpu_count()}, "concurrency": table,

@@ -220,3 +220,17 @@ def test_the_all_llama_cpp_proxy_with_alpha_zero_is_the_large_model(adapter):
         assert greedy(proxy, tokenizer, prompt) == greedy(large, tokenizer, prompt)
     steered = ProxyTunedLM(large, pair, fusion=Fusion(alpha=1.0))
     assert any(greedy(steered, tokenizer, p, 16) != greedy(large, tokenizer, p, 16) for p in PROMPTS)
+
+
+def test_a_model_tuned_alone_runs_on_the_backend_of_its_spec(cpp, adapter):
+    """The experiment's directly tuned model (its base with its own adapter) on the llama.cpp backend: the same
+    distributions as the tuned model of the llama.cpp pair."""
+    from fedpt.models.llama_cpp import LlamaCppLM
+    from fedpt.proxy.spec import ModelSpec
+
+    spec = ModelSpec(large=SMALL, tokenizer=SMALL, backend="llama.cpp")
+    tuned = spec.open_tuned(SMALL, adapter)
+    assert isinstance(tuned, LlamaCppLM) and tuned.adapter is not None
+    paired = ModelSpec(large=SMALL, small=SMALL, adapter=adapter, backend="llama.cpp").open_expert().tuned
+    ids, mask = pad_left([encode_prompt(cpp.tokenizer, PROMPTS[0])], cpp.tokenizer.pad_token_id)
+    assert total_variation(tuned.logprobs(ids, mask, 3), paired.logprobs(ids, mask, 3)).max() < BATCH_TV
