@@ -106,19 +106,18 @@ class Engine:
     def load(self) -> dict[str, int]:
         return {"running": len(self._running), "waiting": self._waiting.qsize()}
 
-    def run_step(self) -> None:
-        """Admit waiting requests and decode one step, in the caller's thread (offline generation; never with
-        `start`). A model failure is raised; a prompt that fails to read ends only its own request."""
-        self._admit(block=False)
+    def run_step(self, block: bool = False) -> None:
+        """Admit waiting requests (waiting up to 0.1 s for one if `block` and nothing runs) and decode one step.
+        Offline generation calls it in its own thread (never with `start`): a model failure is raised there; a
+        prompt that fails to read ends only its own request."""
+        self._admit(block=block and not self._running)
         if self._running:
             self._step()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._admit(block=not self._running)
-                if self._running:
-                    self._step()
+                self.run_step(block=True)
             except Exception as e:  # a failing model call ends the requests it served, never the engine
                 log.exception("decoding failed")
                 for request in self._running:
