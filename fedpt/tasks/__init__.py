@@ -1,0 +1,1 @@
+"""Real tasks to judge a tuned model by: running the code it writes (sandbox.py) and scoring it (metrics.py)."""
