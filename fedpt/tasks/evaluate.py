@@ -80,7 +80,8 @@ def _read_samples(path: Path) -> dict[tuple[str, int], dict]:
     """(task_id, sample) -> row of the samples already judged; a last line cut short by a crash is dropped."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     rows: dict[tuple[str, int], dict] = {}
     for number, line in enumerate(lines, start=1):
         try:
@@ -90,6 +91,6 @@ def _read_samples(path: Path) -> dict[tuple[str, int], dict]:
             if number == len(lines):  # torn by an interruption: redone
                 break
             raise FedptError(f"{path}, line {number} is not a sample; move the file away to start over") from None
-    if lines and not path.read_text(encoding="utf-8").endswith("\n"):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows.values()), encoding="utf-8")
+    if text and not text.endswith("\n"):  # the torn line goes, atomically, before new lines are appended
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows.values()))
     return rows
