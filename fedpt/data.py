@@ -36,6 +36,8 @@ class Example:
 def load_examples(config: DataConfig) -> list[Example]:
     """All examples of a source, before splitting."""
     source = config.source
+    if source in TASK_SOURCES:
+        return [e for part in task_splits(config).values() for e in part]
     if source == "chatterbot":
         examples = load_chatterbot(config.categories)
     elif source == "polarity":
@@ -59,7 +61,26 @@ def load_examples(config: DataConfig) -> list[Example]:
 
 def load_splits(config: DataConfig) -> dict[str, list[Example]]:
     """The source's examples, split into "train", "validation" and "test"."""
+    if config.source in TASK_SOURCES:
+        return task_splits(config)
     return splits(load_examples(config), config)
+
+
+TASK_SOURCES = ("codeio", "gsm")
+
+
+def task_splits(config: DataConfig) -> dict[str, list[Example]]:
+    """The real tasks' splits, made by the task (math splits by template); each test example is one of the
+    problems `fedpt evaluate` judges. Group: the CodeI/O topic, or the math template."""
+    from fedpt.tasks import codeio, gsm
+
+    if config.source == "codeio":
+        return {name: [Example(codeio.prompt(p), codeio.answer(p), p.topic)
+                       for p in codeio.split(name, config.test_percent, config.validation_percent)]
+                for name in ("train", "validation", "test")}
+    return {name: [Example(gsm.prompt(p, chat=True), p.solution, f"template-{p.template:02d}")
+                   for p in gsm.split(name, config.test_percent, config.validation_percent)]
+            for name in ("train", "validation", "test")}
 
 
 def package_data(package: str, relative: str, needed_for: str, install: str) -> Path:

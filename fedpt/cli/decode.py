@@ -174,7 +174,8 @@ def serve(
 @with_model_options
 def evaluate(
     spec: Any,
-    task: Annotated[str, option("Task", "the task: humaneval")] = "humaneval",
+    task: Annotated[str, option("Task", "humaneval (164 functions), codeio (held-out CodeI/O tasks) or gsm "
+                                        "(GSM-style math, exact final number)")] = "humaneval",
     out: Annotated[Path, option("Task", "folder for samples.jsonl (an interrupted run resumes) and results.json")
                    ] = Path("runs/evaluate"),
     limit: Annotated[int | None, option("Task", "the first N problems only")] = None,
@@ -188,8 +189,9 @@ def evaluate(
                                 "--raw")] = False,
     batch_size: Annotated[int, option("Decoding", "answers decoded together")] = 8,
 ) -> None:
-    """Judge a model (the large alone, a URL, the proxy, --experiment DIR) on a task by running its code:
-    greedy pass@1 by default, with a bootstrap 95% interval; samples are written as they are judged."""
+    """Judge a model (the large alone, a URL, the proxy, --experiment DIR) on a real task, by running its code or
+    comparing its final number: greedy pass@1 by default, with a bootstrap 95% interval; samples are written as
+    they are judged."""
     from rich.progress import Progress
 
     from fedpt.decoding import Sampling

@@ -78,7 +78,7 @@ class FederationConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
-    partition: str = "natural"  # natural: a client per group (chatterbot category, or data.group_field); iid; dirichlet
+    partition: str = "natural"  # natural: whole groups (category, template, group_field) per client; iid; dirichlet
     dirichlet_alpha: float = 0.5  # smaller is more skewed: each client's share of each group ~ Dirichlet(alpha)
     eval_examples: int = 64  # held-out pairs the server scores after each round; 0 scores all
     client_cpus: int = 2  # CPUs per simulated client: with 2 on a 2-core machine, one client trains at a time

@@ -7,6 +7,7 @@ accept and checks the result (every example in exactly one partition, none empty
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Sequence
 
 from fedpt.config import FederationConfig
@@ -28,15 +29,18 @@ def partition(examples: Sequence[Example], federation: FederationConfig, seed: i
     groups = sorted(set(table["group"]))
     n = federation.clients
     if federation.partition == "natural":
-        if len(groups) != n:
+        if len(groups) < n:
             raise FedptError(
                 f"natural partition: the data has {len(groups)} groups ({', '.join(groups[:8])}"
-                f"{', ...' if len(groups) > 8 else ''}) but federation.clients = {n}; make them equal "
-                "(e.g. with data.categories) or use partition = 'iid' or 'dirichlet'"
+                f"{', ...' if len(groups) > 8 else ''}) for federation.clients = {n}; use at most {len(groups)} "
+                "clients or partition = 'iid' or 'dirichlet'"
             )
-        partitioner = NaturalIdPartitioner(partition_by="group")
-        # partition k is the k-th group in sorted order, whatever order the rows come in
-        table = table.sort(["group", "index"])
+        # whole groups to clients: with as many groups as clients, client k holds the k-th group in sorted order;
+        # with more, the groups are shuffled by the seed and dealt round robin (no two clients share a group)
+        dealt = groups if len(groups) == n else random.Random(seed).sample(groups, len(groups))
+        owner = {group: i % n for i, group in enumerate(dealt)}
+        table = table.map(lambda row: {"client": owner[row["group"]]}).sort(["client", "index"])
+        partitioner = NaturalIdPartitioner(partition_by="client")
     elif federation.partition == "iid":
         partitioner = IidPartitioner(num_partitions=n)
         table = table.shuffle(seed=seed)

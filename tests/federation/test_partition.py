@@ -36,8 +36,18 @@ def test_dirichlet_skew_follows_alpha():
     assert skew(0.1) > 0.6 > 0.4 > skew(100.0)
 
 
-def test_natural_partition_needs_one_client_per_group():
-    with pytest.raises(FedptError, match="has 3 groups.*clients = 2"):
-        partition(examples_with_groups({"x": 3, "y": 3, "z": 3}), cfg.FederationConfig(clients=2), seed=0)
+def test_natural_partition_needs_a_group_per_client():
+    with pytest.raises(FedptError, match="has 3 groups.*clients = 4"):
+        partition(examples_with_groups({"x": 3, "y": 3, "z": 3}), cfg.FederationConfig(clients=4), seed=0)
+
+
+def test_natural_partition_deals_whole_groups_when_there_are_more_groups_than_clients():
+    data = examples_with_groups({f"template-{t:02d}": 5 for t in range(10)})
+    parts = partition(data, cfg.FederationConfig(clients=3), seed=2)
+    held = [{e.group for e in p} for p in parts]
+    assert sorted(len(h) for h in held) == [3, 3, 4]  # dealt round robin
+    assert set.union(*held) == {e.group for e in data} and sum(len(h) for h in held) == 10  # no group shared
+    assert held == [{e.group for e in p} for p in partition(data, cfg.FederationConfig(clients=3), seed=2)]
+    assert held != [{e.group for e in p} for p in partition(data, cfg.FederationConfig(clients=3), seed=5)]
 
 

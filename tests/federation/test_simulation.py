@@ -150,7 +150,7 @@ def test_full_fine_tuning_with_distillation(tiny, tiny_run, tmp_path):
 
 
 def test_a_partition_error_is_one_line(tiny_run, tmp_path):
-    run = tiny_run(tmp_path / "run", federation={"clients": 2, "rounds": 1, "eval_examples": 4, "client_cpus": 1})
+    run = tiny_run(tmp_path / "run", federation={"clients": 4, "rounds": 1, "eval_examples": 4, "client_cpus": 1})
     with pytest.raises(FedptError) as error:
         simulate(run)
     assert str(error.value).startswith("a client could not start: natural partition: the data has 3 groups")

@@ -74,3 +74,14 @@ def test_fedpt_evaluate_on_the_command_line(cli, tiny, tiny_adapter, tmp_path):
     assert code == 0, err
     assert "humaneval pass@1: 0.000 (95% interval 0.000-0.000), 2 problems" in out
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluate_on_math_reports_seen_and_unseen_templates_and_refuses_another_tasks_samples(tiny, tmp_path):
+    pytest.importorskip("reasoning_gym", reason="the math task comes with reasoning-gym")
+    lm = HFCausalLM.load(tiny["large"], dtype="float32")
+    results = evaluate(lm, "gsm", tmp_path, sampling=Sampling(max_tokens=4), limit=6)
+    assert results["problems"] == 6 and results["scores"]["pass@1"]["value"] == 0.0
+    kinds = [results["scores"].get(f"pass@1 {k} templates", {}).get("problems", 0) for k in ("seen", "unseen")]
+    assert sum(kinds) == 6
+    with pytest.raises(FedptError, match="holds samples of another task than humaneval"):
+        evaluate(lm, "humaneval", tmp_path, sampling=Sampling(max_tokens=4), limit=2)
