@@ -18,6 +18,7 @@ from fedpt.errors import FedptError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONS = ("natural", "iid", "dirichlet")
+TASKS = ("humaneval", "codeio", "gsm")  # fedpt.tasks.evaluate.TASKS
 UPDATE_FORMATS = ("float32", "float16", "int8", "int4")
 QUANTIZE = ("none", "int8", "nf4")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
@@ -249,10 +250,18 @@ class ExperimentConfig:
     max_new_tokens: int = 32
     central_small: bool = True  # also tune the small model centrally, as an upper bound for step 1
     distill_variant: bool = True  # also run FedPT with [distill] every > 0 (the iterative loop)
+    tasks: list[str] = field(default_factory=list)  # real tasks every model is judged on: humaneval, codeio, gsm
+    task_problems: int = 0  # the first N problems of each task (gsm: a fixed sample); 0: all
+    task_max_tokens: int = 384  # new tokens per answer on the tasks
 
     def __post_init__(self) -> None:
         if self.metric not in ("rouge", "choice"):
             raise FedptError(f"experiment.metric must be 'rouge' or 'choice', got '{self.metric}'")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise FedptError(f"experiment.tasks: unknown task '{unknown[0]}'; known: {', '.join(TASKS)}")
+        if self.task_problems < 0 or self.task_max_tokens < 1:
+            raise FedptError("experiment.task_problems must be >= 0 and experiment.task_max_tokens >= 1")
         self.alphas = [float(a) for a in self.alphas]
         self.fusion_weights = [float(w) for w in self.fusion_weights]
         if any(not 0 < w <= 1 for w in self.fusion_weights):

@@ -3,8 +3,10 @@ once), the choice made on validation, single models on test, and greedy answers.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,8 +55,10 @@ def choose(grid: dict[str, dict], fusions: Sequence[Fusion]) -> dict[str, str | 
 class Evaluation:
     """Scores models on the test split (and fusion grids on validation too), collecting one row per model."""
 
-    def __init__(self, config: RunConfig, test: list[Example], validation: list[Example], progress: Any):
-        self.test, self.validation, self.progress = test, validation, progress
+    def __init__(self, config: RunConfig, test: list[Example], validation: list[Example], progress: Any,
+                 out: Path | None = None):
+        self.test, self.validation, self.progress, self.out = test, validation, progress, out
+        self.data = config.data
         self.experiment = config.experiment
         self.max_length = config.score_max_length
         self.options = sorted({e.response for e in test + validation}) if self.experiment.metric == "choice" else []
@@ -88,9 +92,31 @@ class Evaluation:
         return found
 
     def answers(self, name: str, lm: LanguageModel) -> None:
+        """Greedy answers: on the real tasks (experiment.tasks), and to the first test prompts (ROUGE-L)."""
+        for task_name in self.experiment.tasks:
+            self.task(name, lm, task_name)
+        if self.experiment.metric == "rouge" and self.experiment.generate_examples:
+            self.rouge(name, lm)
+
+    def task(self, name: str, lm: LanguageModel, task_name: str) -> None:
+        """Greedy pass@1 (or exact match) on a real task, in OUT/tasks/TASK/MODEL (resumable), as `fedpt evaluate`
+        writes it; the row keeps the score and each problem's verdict, for paired intervals."""
+        from fedpt.tasks.evaluate import evaluate
+
+        if self.out is None:
+            raise ValueError("an Evaluation with tasks needs the experiment's folder")
+        folder = self.out / "tasks" / task_name / name
+        found = evaluate(lm, task_name, folder, sampling=Sampling(max_tokens=self.experiment.task_max_tokens),
+                         limit=self.experiment.task_problems or None, progress=self.progress,
+                         splits=(self.data.test_percent, self.data.validation_percent))
+        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+        verdicts = {row["task_id"]: bool(row["passed"]) for row in samples if row["sample"] == 0}
+        row = self.rows.setdefault(name, {})
+        row.setdefault("tasks", {})[task_name] = {**found["scores"], "problems": found["problems"],
+                                                  "passed": verdicts}
+
+    def rouge(self, name: str, lm: LanguageModel) -> None:
         """Greedy answers to the first test prompts: ROUGE-L, exact match, and seconds per generated token."""
-        if self.experiment.metric != "rouge" or not self.experiment.generate_examples:
-            return
         examples = self.test[: self.experiment.generate_examples]
         started = time.perf_counter()
         texts = generate(lm, [e.prompt for e in examples],

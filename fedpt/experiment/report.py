@@ -137,7 +137,8 @@ def why(results: dict[str, Any], missed: list[str]) -> list[str]:
 def markdown(results: dict[str, Any], notes: str = "") -> str:
     """The report; `notes` (a folder's notes.md) adds the author's reading of the results."""
     lines = ["# FedPT experiment report", ""]
-    for section in (_recipe, _targets, _results_table, _levers, _distillation, _privacy, _device_costs, _verdict):
+    for section in (_recipe, _targets, _results_table, _tasks, _levers, _distillation, _privacy, _device_costs,
+                    _verdict):
         lines += section(results)
     if notes:
         lines += ["", "## Notes", "", notes.strip()]
@@ -179,6 +180,27 @@ def _results_table(results: dict[str, Any]) -> list[str]:
     return lines + ["", "Gap closed = (m - large base) / (large direct - large base), on the test NLL. "
                     "Seconds per token: greedy decoding of the first test prompts, batches of 8, on this machine.", "",
                     "![metrics](metrics.png)", ""]
+
+
+def _tasks(results: dict[str, Any]) -> list[str]:
+    """Each real task: every model's greedy pass@1 with its interval, and its share of the gap with a paired one."""
+    lines, models = [], results["models"]
+    for task, gaps in results.get("gap_closed_task", {}).items():
+        lines += [f"## {task}: greedy pass@1 (bootstrap 95% intervals over problems)", "",
+                  "| model | pass@1 | 95% interval | gap closed | its 95% interval (paired) |", "|---|---|---|---|---|"]
+        for key in [k for k in ORDER if k in models and task in models[k].get("tasks", {})]:
+            score, gap = models[key]["tasks"][task], gaps.get(key, {})
+            low, high = score["pass@1"]["interval_95"]
+            band = gap.get("interval_95", [float("nan")] * 2)
+            lines.append(f"| {NAMES[key]} | {_fmt(score['pass@1']['value'])} | {_fmt(low)}-{_fmt(high)} | "
+                         f"{_fmt(gap.get('value'), 2)} | "
+                         f"{'-' if is_missing(band[0]) else f'{_fmt(band[0], 2)} to {_fmt(band[1], 2)}'} |")
+        kinds = [f"{NAMES[k]}: " + ", ".join(f"{n.removeprefix('pass@1 ')} {_fmt(v['value'])}"
+                                            for n, v in models[k]["tasks"][task].items() if n.endswith("templates"))
+                 for k in ("large_base", "fedpt_best", "large_direct") if task in models[k].get("tasks", {})]
+        lines += ["", f"Problems: {next(iter(gaps.values()), {}).get('problems', '-')}. "
+                  + (f"By template: {'; '.join(kinds)}." if any("templates" in k for k in kinds) else ""), ""]
+    return lines
 
 
 def _levers(results: dict[str, Any]) -> list[str]:

@@ -56,6 +56,26 @@ def gaps(models: dict[str, dict], metric: str) -> dict[str, float]:
     return {name: gap_closed(row[metric], base, direct) for name, row in models.items() if metric in row}
 
 
+def task_gaps(models: dict[str, dict], task: str) -> dict[str, dict[str, Any]]:
+    """Every model's share of the large base -> large direct gap in a task's pass@1, with a paired bootstrap 95%
+    interval over the problems all three were judged on."""
+    from fedpt.tasks.metrics import gap_interval
+
+    def verdicts(name: str) -> dict[str, bool]:
+        return models[name].get("tasks", {}).get(task, {}).get("passed", {})
+
+    base, direct = verdicts("large_base"), verdicts("large_direct")
+    gaps = {}
+    for name in models:
+        mine = verdicts(name)
+        common = sorted(set(mine) & set(base) & set(direct))
+        if common and name not in ("large_base", "large_direct"):
+            value, low, high = gap_interval([mine[i] for i in common], [base[i] for i in common],
+                                            [direct[i] for i in common])
+            gaps[name] = {"value": value, "interval_95": [low, high], "problems": len(common)}
+    return gaps
+
+
 def costs_of(federation_folder: Path) -> dict[str, Any]:
     """What each client paid per round, from a federation's metrics.jsonl."""
     rows = read_metrics(federation_folder)
@@ -146,6 +166,7 @@ class Results(_Open):
     chosen_on_validation: dict[str, str | None] = {}
     gap_closed_nll: dict[str, float] = {}
     gap_closed_metric: dict[str, float] = {}
+    gap_closed_task: dict[str, dict[str, dict[str, Any]]] = {}  # task -> model -> value, interval_95, problems
     costs: dict[str, dict[str, Any]]
     cost_ratio_fedpt_over_direct: dict[str, float]
     targets: dict[str, Target]

@@ -63,7 +63,7 @@ def run_experiment(config: RunConfig, out: Path, command: str = "") -> dict[str,
     trained = train(config, data, out)
     console.rule("[bold]evaluation on the held-out split")
     with Progress(console=console, transient=True) as progress:
-        ev, grid, chosen = evaluate(config, data, trained, progress)
+        ev, grid, chosen = evaluate(config, data, trained, progress, out)
     results = {"command": command, **summarize(config, data, trained, out, ev.rows, grid, chosen),
                "seconds": time.time() - started}
     res.save_results(results, out)
@@ -148,8 +148,8 @@ def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path
     return tuned, stats
 
 
-def evaluate(config: RunConfig, data: Splits, trained: Trained,
-             progress: Progress) -> tuple[Evaluation, dict[str, dict], dict[str, str | None]]:
+def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progress,
+             out: Path | None = None) -> tuple[Evaluation, dict[str, dict], dict[str, str | None]]:
     """Score every model; return the rows, the fusion grid (validation and test) and the choices on validation.
 
     At most one large model and one small pair are in memory at a time."""
@@ -160,7 +160,7 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained,
     spec = ModelSpec.from_config(config.model)  # every model below runs on its backend
     fusions = fusions_for(config.experiment)
     published = Fusion(alpha=config.experiment.alpha)
-    ev = Evaluation(config, data.test, data.validation, progress)
+    ev = Evaluation(config, data.test, data.validation, progress, out)
     rows = ev.rows
     large = spec.open_large()
 
@@ -223,6 +223,7 @@ def summarize(config: RunConfig, data: Splits, trained: Trained, out: Path, mode
         "chosen_on_validation": chosen,
         "gap_closed_nll": gap_nll,
         "gap_closed_metric": res.gaps(models, "rouge_l" if exp.metric == "rouge" else "accuracy"),
+        "gap_closed_task": {task: res.task_gaps(models, task) for task in exp.tasks},
         "costs": cost,
         "cost_ratio_fedpt_over_direct": ratio,
         "targets": res.targets(gap_nll, ratio),

@@ -32,9 +32,10 @@ SAMPLES, RESULTS = "samples.jsonl", "results.json"
 
 def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling, n: int = 1,
              limit: int | None = None, chat: bool = True, max_batch: int = 8, timeout: float = 10.0,
-             progress: Any = None) -> dict[str, Any]:
-    """Generate `n` samples per problem (sample i seeded with sampling.seed + i), judge each in the sandbox as it
-    completes, and write the results; samples already in OUT/samples.jsonl are kept, not redone."""
+             progress: Any = None, splits: tuple[int, int] = (10, 10)) -> dict[str, Any]:
+    """Generate `n` samples per problem (sample i seeded with sampling.seed + i), judge each as it completes, and
+    write the results; samples already in OUT/samples.jsonl are kept, not redone. `splits`: the data's test and
+    validation percents, which fix CodeI/O's and math's test problems (HumanEval is all test)."""
     if task_name not in TASKS:
         raise FedptError(f"unknown task '{task_name}'; known: {', '.join(TASKS)}")
     if n < 1 or (limit is not None and limit < 1):
@@ -42,10 +43,10 @@ def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling
     if n > 1 and sampling.temperature == 0:
         raise FedptError("n > 1 samples of greedy decoding are all the same answer: set a temperature > 0")
     source = TASKS[task_name]
-    problems = source.problems(limit)
+    problems = source.problems(limit, *splits)
     out.mkdir(parents=True, exist_ok=True)
     done = _read_samples(out / SAMPLES)
-    known = {p.id for p in source.problems(None)} if done else set()
+    known = {p.id for p in source.problems(None, *splits)} if done else set()
     if any(task_id not in known for task_id, _ in done):
         raise FedptError(f"{out / SAMPLES} holds samples of another task than {task_name}; pick another --out")
     started = time.perf_counter()

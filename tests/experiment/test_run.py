@@ -57,3 +57,20 @@ def test_experiment_with_full_fine_tuning(tiny_run, qa_file, tmp_path):
     # the tuned models differ from their bases: full fine-tuning trained every weight
     assert results["models"]["small_fedpt"]["nll"] != results["models"]["small_base"]["nll"]
     assert results["models"]["large_direct"]["nll"] != results["models"]["large_base"]["nll"]
+
+
+def test_experiment_on_a_real_task_reports_pass_at_1_and_its_gap_with_intervals(tiny_run, tmp_path):
+    pytest.importorskip("reasoning_gym", reason="the math task comes with reasoning-gym")
+    settings = {**SETTINGS, "data": {"source": "gsm", "group_field": "", "test_percent": 10, "validation_percent": 10},
+                "distill": {"every": 0},
+                "experiment": {**SETTINGS["experiment"], "tasks": ["gsm"], "task_problems": 4, "task_max_tokens": 4,
+                               "test_examples": 6, "validation_examples": 6, "distill_variant": False,
+                               "central_small": False}}
+    run = tiny_run(tmp_path / "unused", **settings)
+    results = run_experiment(run, tmp_path / "exp", command="test")
+    for name in ("small_base", "small_fedpt", "large_base", "fedpt_proxy", "fedpt_best", "large_direct"):
+        score = results["models"][name]["tasks"]["gsm"]
+        assert score["problems"] == 4 and len(score["passed"]) == 4 and "interval_95" in score["pass@1"]
+        assert (tmp_path / "exp" / "tasks" / "gsm" / name / "samples.jsonl").is_file()
+    assert set(results["gap_closed_task"]["gsm"]) >= {"fedpt_proxy", "fedpt_best", "small_fedpt"}
+    assert "## gsm: greedy pass@1" in (tmp_path / "exp" / "report.md").read_text()

@@ -37,3 +37,15 @@ def test_bootstrap_intervals_single_and_paired():
     assert bootstrap_interval([1.0, 1.0], other=[1.0, 1.0]) == (0.0, 0.0, 0.0)
     with pytest.raises(FedptError, match="same problems"):
         bootstrap_interval([1.0], other=[1.0, 0.0])
+
+
+def test_the_gap_closed_and_its_paired_interval():
+    from fedpt.tasks.metrics import gap_interval
+
+    base, tuned = [0, 0, 0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 1, 1, 0, 0]  # 0.25 -> 0.625
+    value, low, high = gap_interval([1, 0, 1, 0, 1, 1, 0, 0], base, tuned)  # 0.5: two thirds of the gap
+    assert value == pytest.approx(2 / 3) and low <= value <= high
+    assert gap_interval(tuned, base, tuned)[0] == 1.0 and gap_interval(base, base, tuned)[0] == 0.0
+    assert np.isnan(gap_interval(base, base, base)[0])  # no gap to close
+    with pytest.raises(FedptError, match="same problems"):
+        gap_interval([1], [1, 0], [0, 1])
