@@ -89,6 +89,7 @@ class FederationConfig:
     multikrum_select: int = 2  # MultiKrum: updates averaged
     min_clients: int = 1  # accepted updates a round needs; with fewer, the round fails and the global model stays
     max_norm_ratio: float = 10.0  # reject an update that moves the model over this many times the round's median
+    max_examples_ratio: float = 4.0  # a node weighs at most this many times the median partition size; 0: no cap
     #                               move (the lower median); 0 turns the check off
     max_update_norm: float = 0.0  # reject an update that moves the model farther than this (L2); 0: no bound
     update_format: str = "float32"  # what a client sends (fedpt/federation/compression.py): its float32 weights, or
@@ -112,6 +113,9 @@ class FederationConfig:
                              f"round), got {self.min_clients}")
         if not (self.max_norm_ratio == 0 or self.max_norm_ratio >= 1) or self.max_update_norm < 0:
             raise FedptError("federation.max_norm_ratio must be 0 (off) or at least 1, and max_update_norm >= 0")
+        if not (self.max_examples_ratio == 0 or self.max_examples_ratio >= 1):
+            raise FedptError(f"federation.max_examples_ratio must be 0 (no cap) or at least 1, got "
+                             f"{self.max_examples_ratio}")
         if self.update_format not in UPDATE_FORMATS:
             raise FedptError(f"federation.update_format must be one of {', '.join(UPDATE_FORMATS)}, got "
                              f"'{self.update_format}'")

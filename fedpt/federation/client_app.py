@@ -100,7 +100,8 @@ def train_round(message: Message, context: Context) -> Message:
     weights, metrics = _train(config, flat, sent, context)
     update = [weights[k] - sent[k] for k in keys]
     # the protocol weighs the mean by this count: 1 each when the mean must be unweighted (central DP)
-    weight = 1 if config.privacy.dp == "central" else int(metrics["num-examples"])
+    cap = float(flat.get("max-examples") or 0) or float("inf")  # the server's cap on one node's weight
+    weight = 1 if config.privacy.dp == "central" else int(min(metrics["num-examples"], cap))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
@@ -147,7 +148,8 @@ def _train(config: RunConfig, flat: dict[str, Any], sent: dict[str, Any],
     seed = round_seed(config.seed, server_round, pid)
     stats = train(model, tokenizer, examples, tuning, seed=seed)
     metrics = {"partition-id": pid, "num-examples": len(examples),
-               **{k: float(v) for k, v in stats.items() if k != "examples"}}
+               **{k: float(v) for k, v in stats.items() if k != "examples"},
+               **({"round-nonce": flat["round-nonce"]} if "round-nonce" in flat else {})}
     weights = trainable_state(model)
     if config.privacy.dp == "local":
         weights = local_noise(weights, sent, config.privacy, seed)

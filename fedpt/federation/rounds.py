@@ -27,6 +27,7 @@ from fedpt.federation.strategy import (
     check_update,
     clean_reply,
     client_error,
+    examples_cap,
     finite_number,
     l2_norm,
     norm_outliers,
@@ -60,18 +61,28 @@ class Collector:
     def __init__(self, config: RunConfig, grid: Grid, privacy: RunPrivacy | None, sizes: dict[int, int]):
         self.config, self.grid, self.privacy = config, grid, privacy
         self.sizes = sizes  # partition id -> examples the node said it holds (a bound on what it may claim)
+        self.cap = examples_cap(sizes, config.federation.max_examples_ratio)  # the most one node may weigh
+
+    def round_config(self, nonce: int) -> dict[str, Any]:
+        """What a round's clients get besides the run's config: the round's nonce, which an update must carry
+        back, and the weight cap (clients of a SecAgg+ round weigh their own update)."""
+        return {"round-nonce": nonce, "max-examples": 0.0 if math.isinf(self.cap) else float(self.cap)}
 
     def collect(self, server_round: int, messages: list[Message], wanted: dict[int, int], state: Weights,
-                progress: Progress, bytes_down: int) -> RoundResult:
+                progress: Progress, bytes_down: int, nonce: int | None = None) -> RoundResult:
         fed = self.config.federation
         messages = [m for m in messages if m.metadata.dst_node_id in wanted]
         result, accepted, norms, sent = RoundResult(), {}, {}, {}
-        for reply in self._send(messages, progress, f"round {server_round}: clients"):
+        replies = self._send(messages, progress, f"round {server_round}: clients")
+        answered = {reply.metadata.src_node_id for reply in replies}
+        result.rejected += [{"partition-id": pid, "reason": f"no answer within federation.timeout = {fed.timeout:g} s"}
+                            for node, pid in sorted(wanted.items(), key=lambda item: item[1]) if node not in answered]
+        for reply in replies:
             pid = wanted.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
                 log.warning("round %d: client %d failed:\n%s", server_round, pid, reply.error.reason)
             sent[pid] = _arrays_bytes(reply)  # as it came over the wire, before decoding
-            reason = self._decode(reply, state) or check_update(reply, state, self.sizes.get(pid, 0))
+            reason = self._decode(reply, state) or check_update(reply, state, self.sizes.get(pid, 0), nonce)
             if reason is None:
                 norms[pid], accepted[pid] = update_norm(reply.content["arrays"], state), reply
             else:
@@ -89,7 +100,7 @@ class Collector:
             result.failed = f"{len(accepted)} update(s) accepted, federation.min_clients is {fed.min_clients}"
         # a fixed summation order (by partition): a resumed run is bit-identical to an uninterrupted one
         uniform = bool(self.privacy and self.privacy.central)
-        result.replies = [clean_reply(accepted[pid], uniform=uniform) for pid in sorted(accepted)]
+        result.replies = [clean_reply(accepted[pid], uniform=uniform, cap=self.cap) for pid in sorted(accepted)]
         return result
 
     def _decode(self, reply: Message, state: Weights) -> str | None:
@@ -131,14 +142,15 @@ class SecureCollector(Collector):
     survivors, and the mean's finiteness and norm."""
 
     def collect(self, server_round: int, messages: list[Message], wanted: dict[int, int], state: Weights,
-                progress: Progress, bytes_down: int) -> RoundResult:
+                progress: Progress, bytes_down: int, nonce: int | None = None) -> RoundResult:
         from fedpt.federation.secagg import masked_bytes, secure_round
 
         settings, fed = self.config.privacy, self.config.federation
         central = bool(self.privacy and self.privacy.central)
         with task(progress, f"round {server_round}: SecAgg+", 1) as advance:
             outcome = secure_round(self.grid, self.config, server_round, sorted(wanted, key=wanted.get), state,
-                                   max_weight=1.0 if central else float(max(self.sizes.values())))
+                                   max_weight=1.0 if central else float(min(max(self.sizes.values()), self.cap)),
+                                   extra=self.round_config(nonce) if nonce is not None else None)
             advance(1)
         result = RoundResult(rejected=[{"partition-id": -1, "reason": f"client failed: {client_error(f)}"}
                                        for f in outcome.failures])
@@ -147,9 +159,11 @@ class SecureCollector(Collector):
         problems = []
         for node, metrics in outcome.clients.items():
             pid = wanted.get(node, -1)
-            examples, limit = metrics.get("num-examples"), (1 if central else self.sizes.get(pid, 0))
+            examples, limit = metrics.get("num-examples"), (1 if central else min(self.sizes.get(pid, 0), self.cap))
             if not finite_number(examples) or not 0 < examples <= limit:
-                problems.append(f"client {pid} reported weight {examples!r}, its limit is {limit}")
+                problems.append(f"client {pid} reported weight {examples!r}, its limit is {limit:g}")
+            if nonce is not None and metrics.get("round-nonce") != nonce:
+                problems.append(f"client {pid}'s update does not carry this round's nonce")
             if not all(finite_number(v) for v in metrics.values()):
                 problems.append(f"client {pid} sent a metric that is not a finite number")
             result.clients.append({**metrics, "partition-id": pid, "bytes_down": bytes_down,

@@ -77,9 +77,10 @@ def _one_round_strategy(nodes: list[int], global_state: dict[str, np.ndarray], c
 
 
 def secure_round(grid: Any, config: RunConfig, server_round: int, nodes: list[int],
-                 global_state: dict[str, np.ndarray], max_weight: float) -> SecureRound:
+                 global_state: dict[str, np.ndarray], max_weight: float, extra: dict[str, Any] | None = None
+                 ) -> SecureRound:
     """Run SecAgg+ with `nodes`; the mean of their updates, weighted by the example counts they report (capped at
-    `max_weight`, which is 1 when every client reports 1)."""
+    `max_weight`, which is 1 when every client reports 1). `extra`: more round config (the round's nonce)."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.common import parameters_to_ndarrays
     from flwr.server import LegacyContext
@@ -87,8 +88,8 @@ def secure_round(grid: Any, config: RunConfig, server_round: int, nodes: list[in
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
     privacy = config.privacy
-    strategy = _one_round_strategy(nodes, global_state, {**config.flat(CLIENT_SECTIONS), "server-round": server_round,
-                                                         "secagg": True})
+    strategy = _one_round_strategy(nodes, global_state, {**config.flat(CLIENT_SECTIONS), **(extra or {}),
+                                                         "server-round": server_round, "secagg": True})
     state = RecordDict({MAIN_PARAMS_RECORD: ArrayRecord(), MAIN_CONFIGS_RECORD:
                         ConfigRecord({Key.CURRENT_ROUND: server_round})})
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,7 @@ class Federation:
         self.grid, self.resume, self.after_round = grid, resume, after_round
         self.folder = RunFolder(config.out)
         self.console = Console(stderr=True)
+        self.notes: list[str] = []  # what setup found wrong but not fatal, said once the run's log is open
 
     def run(self) -> Path:
         """Train the remaining rounds; return the final model folder."""
@@ -97,6 +99,8 @@ class Federation:
         handler = logging.FileHandler(self.folder.out / LOG, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+        for note in self.notes:
+            self._warn(note)
         try:
             return self._rounds(start, Trainee(model, tokenizer, trainable_state(model)), strategy, collector, nodes,
                                 lambda: nll(HFCausalLM(model, tokenizer), heldout, max_length=config.score_max_length))
@@ -137,9 +141,13 @@ class Federation:
         started = time.time()
         chosen = sample_clients(config.seed, server_round, fed.clients, fed.clients_per_round())
         arrays = to_record(trainee.state)
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(config.flat(CLIENT_SECTIONS)), self.grid)
-        result = collector.collect(server_round, messages, {nodes[pid]: pid for pid in chosen}, trainee.state,
-                                   progress, arrays.count_bytes())
+        nonce = secrets.randbits(62)  # an update must carry it back: one computed for an earlier round cannot
+        record = ConfigRecord({**config.flat(CLIENT_SECTIONS), **collector.round_config(nonce)})
+        messages = strategy.configure_train(server_round, arrays, record, self.grid)
+        result = collector.collect(server_round, messages, {nodes[pid]: pid for pid in chosen if pid in nodes},
+                                   trainee.state, progress, arrays.count_bytes(), nonce)
+        result.rejected += [{"partition-id": pid, "reason": "no accepted node holds this partition"}
+                            for pid in chosen if pid not in nodes]
         for item in result.rejected:
             where = f" (details in {self.folder.out / LOG})" if item["reason"].startswith("client failed") else ""
             self._warn(f"round {server_round}: rejected client {item['partition-id']}: {item['reason']}{where}")
@@ -205,17 +213,40 @@ class Federation:
             if reply.has_error():
                 log.warning("a client could not start:\n%s", reply.error.reason)
                 raise FedptError(f"a client could not start: {client_error(reply.error.reason)}")
+            node = reply.metadata.src_node_id
             try:
                 metrics = reply.content["metrics"]
-                pid, examples = int(metrics["partition-id"]), int(metrics["num-examples"])
+                pid, examples = metrics["partition-id"], metrics["num-examples"]
             except (KeyError, TypeError, ValueError):
-                raise FedptError(f"node {reply.metadata.src_node_id} described itself without a partition id and "
-                                 "an example count") from None
-            nodes[pid] = (reply.metadata.src_node_id, examples)
+                raise FedptError(f"node {node} described itself without a partition id and an example count") \
+                    from None
+            refused = describe_problem(pid, examples, fed.clients, nodes)
+            if refused:  # the node takes no part in the run; its partition is missing unless another holds it
+                self.notes.append(f"refused node {node}: {refused}")
+                continue
+            nodes[int(pid)] = (node, int(examples))
         missing = sorted(set(range(fed.clients)) - set(nodes))
+        if len(nodes) < fed.min_clients:
+            raise FedptError(f"only {len(nodes)} partition(s) have an accepted node (federation.min_clients is "
+                             f"{fed.min_clients}); no node holds partition(s) {missing}"
+                             + "".join(f"; {note}" for note in self.notes))
         if missing:
-            raise FedptError(f"no connected client holds partition(s) {missing}")
+            self.notes.append(f"no accepted node holds partition(s) {missing}: rounds that sample them go on "
+                              "without them")
         return nodes
+
+
+def describe_problem(pid: Any, examples: Any, clients: int, nodes: dict[int, tuple[int, int]]) -> str | None:
+    """Why a node's description of itself is refused, or None: the partition id must be one of the run's and not
+    claimed by an earlier node; the example count a whole positive number (it bounds the node's later claims)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < clients:
+        return f"partition id {pid!r} is not one of 0..{clients - 1}"
+    if pid in nodes:
+        return f"partition {pid} is already held by node {nodes[pid][0]} (a duplicate claim)"
+    if not isinstance(examples, int | float) or isinstance(examples, bool) or not math.isfinite(examples) \
+            or examples < 1 or examples != int(examples):
+        return f"its example count {examples!r} is not a whole positive number"
+    return None
 
 
 def make_server_app(config: RunConfig | None = None, resume: bool = False,

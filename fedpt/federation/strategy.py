@@ -42,11 +42,13 @@ def build_strategy(federation: FederationConfig) -> Any:
     return (flower.FedAdam if federation.strategy == "fedadam" else flower.FedYogi)(**common, **optimiser)
 
 
-def check_update(reply: Message, expected: dict[str, np.ndarray], max_examples: float = math.inf) -> str | None:
+def check_update(reply: Message, expected: dict[str, np.ndarray], max_examples: float = math.inf,
+                 nonce: int | None = None) -> str | None:
     """Why a client's reply cannot be aggregated, or None if it can.
 
     `expected` holds the global weights (their keys, shapes and dtypes); `max_examples` is how many examples the
-    client's partition holds, as the node said when asked at the start."""
+    client's partition holds, as the node said when asked at the start; `nonce` is the round's, which an update
+    computed from this round's global model carries back (a replayed or stale update does not)."""
     if reply.has_error():
         return f"client failed: {client_error(reply.error.reason)}"
     content = reply.content
@@ -68,6 +70,8 @@ def check_update(reply: Message, expected: dict[str, np.ndarray], max_examples: 
             return f"weight {key} has dtype {value.dtype}, expected {want.dtype}"
         if not np.isfinite(value).all():
             return f"weight {key} has NaN or inf values"
+    if nonce is not None and content["metrics"].get("round-nonce") != nonce:
+        return "the update does not carry this round's nonce: replayed from an earlier round, or stale"
     examples = content["metrics"].get("num-examples")
     if not finite_number(examples) or examples <= 0:
         return f"num-examples must be a finite positive number, got {examples!r}"
@@ -82,6 +86,12 @@ def check_update(reply: Message, expected: dict[str, np.ndarray], max_examples: 
 def finite_number(value: Any) -> bool:
     """An int or float (not a bool) that is neither NaN nor infinite."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def examples_cap(sizes: dict[int, int], ratio: float) -> float:
+    """The most examples a node may weigh in an aggregate: `ratio` times the lower median of the partition sizes
+    the nodes described (one node's claim cannot move the median of three or more); inf when ratio is 0."""
+    return ratio * statistics.median_low(sizes.values()) if ratio and sizes else math.inf
 
 
 def client_error(reason: str) -> str:
@@ -117,11 +127,11 @@ def norm_outliers(norms: dict[int, float], ratio: float, bound: float) -> dict[i
     return reasons
 
 
-def clean_reply(reply: Message, uniform: bool = False) -> Message:
+def clean_reply(reply: Message, uniform: bool = False, cap: float = math.inf) -> Message:
     """What the strategy aggregates of a checked reply: its weights and example count only, so that a client's
     extra or missing metric keys cannot make Flower refuse the whole round (InconsistentMessageReplies).
-    `uniform` weighs every client alike (the example count becomes 1)."""
-    examples = 1 if uniform else reply.content["metrics"]["num-examples"]
+    `uniform` weighs every client alike (the example count becomes 1); `cap` bounds the example count."""
+    examples = 1 if uniform else min(reply.content["metrics"]["num-examples"], cap)
     return as_reply(reply.content["arrays"], examples, reply.metadata.src_node_id)
 
 

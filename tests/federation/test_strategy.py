@@ -216,3 +216,20 @@ def test_server_optimiser_state_survives_a_restore():
         results.append({k: a.numpy() for k, a in s.aggregate_train(2, replies)[0].items()})
     for k in KEYS:
         np.testing.assert_array_equal(results[0][k], results[1][k])
+
+
+def test_what_a_node_may_say_of_itself_and_what_it_may_weigh():
+    import math
+
+    from fedpt.federation.server_app import describe_problem
+    from fedpt.federation.strategy import examples_cap
+
+    held = {0: (11, 40)}
+    assert describe_problem(1, 40, 3, held) is None
+    assert "duplicate" in describe_problem(0, 40, 3, held)
+    assert "not one of 0..2" in describe_problem(3, 40, 3, held) and "not one of" in describe_problem(True, 4, 3, {})
+    for bad in (float("inf"), float("nan"), 0, -3, 2.5, "12", None):
+        assert "not a whole positive number" in describe_problem(1, bad, 3, held), bad
+    assert describe_problem(1, 7.0, 3, held) is None  # a float that is a whole number is one
+    assert examples_cap({0: 10, 1: 30, 2: 10**12}, 4.0) == 120  # 4x the lower median: the liar cannot raise it
+    assert math.isinf(examples_cap({0: 10}, 0.0))
