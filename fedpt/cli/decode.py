@@ -52,6 +52,8 @@ def model_spec(
     weight: Annotated[float | None, option(FUSION, "share of the tuned small model in a geometric mixture with the "
                                                    "proxy (0: the proxy alone)")] = None,
     dynamic: Annotated[bool, option(FUSION, "choose alpha per token (dynamic logit fusion)", "--dynamic")] = False,
+    force: Annotated[bool, option(FUSION, "allow alpha outside [0, 4] and an adapter on another base than the one "
+                                          "it was trained on", "--force")] = False,
     tokenizer: Annotated[str | None, option(REMOTE, "the model whose tokenizer it shares (default: --small)")] = None,
     served_name: Annotated[str, option(REMOTE, "with a URL: the served model's name (default: the first)")] = "",
     api_key_env: Annotated[str, option(REMOTE, "with a URL: the NAME of the environment variable that holds the "
@@ -63,7 +65,7 @@ def model_spec(
     from fedpt.proxy.spec import ModelSpec
 
     steering = alpha is not None or weight is not None or dynamic
-    common = {"dtype": dtype, "device": device, "large_device_map": "auto" if spread_large else "",
+    common = {"force": force, "dtype": dtype, "device": device, "large_device_map": "auto" if spread_large else "",
               "small_int8": small_int8, "tokenizer": tokenizer, "served_name": served_name,
               "api_key_env": api_key_env, "top_k": top_k, "backend": backend}
     if experiment is not None:

@@ -74,7 +74,9 @@ class Engine:
     def __init__(self, lm: LanguageModel, *, max_batch: int = 8, max_queue: int = 64, max_length: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise FedptError(f"max_batch must be at least 1 and max_queue at least 0, got {max_batch} and {max_queue}")
-        self.lm, self.max_batch, self.max_length = lm, max_batch, max_length
+        context = getattr(lm, "max_context", None)  # answers end where the model's context does
+        self.lm, self.max_batch = lm, max_batch
+        self.max_length = min(n for n in (max_length, context) if n) if (max_length or context) else None
         self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._running: list[Request] = []
         self._state: Any = None
@@ -164,6 +166,9 @@ class Engine:
 
     def _open(self, request: Request) -> None:
         sampling = request.sampling
+        if self.max_length is not None and len(request.prompt) >= self.max_length:
+            raise FedptError(f"the prompt has {len(request.prompt)} tokens: no room left in the model's context of "
+                             f"{self.max_length} tokens; shorten it")
         if sampling.temperature > 0:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
             request.generator = torch.Generator().manual_seed(seed)

@@ -31,6 +31,8 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise FedptError(f"top_p must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise FedptError("stop strings must not be empty: an empty one would end every answer at once")
 
 
 def choose(logprobs: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:

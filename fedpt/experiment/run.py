@@ -130,6 +130,7 @@ def federate(config: RunConfig, folder: Path) -> Path:
 
 def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path) -> tuple[Path, dict]:
     """The small model tuned on all training data at once, with as many steps as the whole federation took."""
+    from fedpt.models.base_record import record_base
     from fedpt.tuning.local import load_trainable
     from fedpt.tuning.local import train as run_training
 
@@ -144,6 +145,7 @@ def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path
         stats = run_training(model, tokenizer, train_set, tuning, seed=config.seed, progress=progress)
     model.save_pretrained(tuned)
     tokenizer.save_pretrained(tuned)
+    record_base(tuned, config.model.small)
     write_atomic(stats_file, json.dumps(stats))
     return tuned, stats
 

@@ -126,8 +126,9 @@ class RunFolder:
         return dict(np.load(folder / STATE)), dict(np.load(folder / SERVER_STATE))
 
     def save_round(self, server_round: int, model: Any, tokenizer: Any, state: dict[str, np.ndarray],
-                   strategy_state: dict[str, np.ndarray]) -> None:
-        """Write round-K/ through a temporary folder and a rename (not yet marked done)."""
+                   strategy_state: dict[str, np.ndarray], base: str | None = None) -> None:
+        """Write round-K/ through a temporary folder and a rename (not yet marked done); `base`: the model it
+        tunes, recorded so that it is never loaded onto another (fedpt/models/base_record.py)."""
         folder = self.round_dir(server_round)
         temporary = self.out / f".round-{server_round}.partial"
         shutil.rmtree(temporary, ignore_errors=True)
@@ -135,6 +136,10 @@ class RunFolder:
         tokenizer.save_pretrained(temporary)
         np.savez(temporary / STATE, **state)
         np.savez(temporary / SERVER_STATE, **strategy_state)
+        if base is not None:
+            from fedpt.models.base_record import record_base
+
+            record_base(temporary, base)
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished or damaged earlier attempt at this round
         temporary.rename(folder)
         sync_folder(self.out)

@@ -124,7 +124,7 @@ class Federation:
                     break
                 row = self._round(server_round, trainee, strategy, collector, nodes, progress)
                 self.folder.save_round(server_round, trainee.model, trainee.tokenizer, trainee.state,
-                                       strategy_state(strategy))
+                                       strategy_state(strategy), base=self.config.model.small)
                 self._record({**row, "global": score()})
                 self.folder.mark_done(server_round)
                 progress.advance(rounds)

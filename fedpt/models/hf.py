@@ -78,6 +78,7 @@ class HFCausalLM(LanguageModel):
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_token_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         head = model.get_output_embeddings()
         if not getattr(head, "_fedpt_strides", False):
             head.register_forward_pre_hook(_standard_strides)

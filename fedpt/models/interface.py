@@ -25,6 +25,7 @@ class LanguageModel(ABC):
     tokenizer: Any
     vocab_size: int
     eos_token_ids: set[int]  # decoding stops a row at any of these
+    max_context: int | None = None  # tokens a sequence may hold (prompt + answer); None: not known
 
     @abstractmethod
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Any]:
@@ -45,6 +46,12 @@ class LanguageModel(ABC):
     def join(self, state: Any, other: Any) -> Any:
         """One decoding state with the rows of `state`, then those of `other`: new requests join a running batch."""
         raise FedptError(f"{self.name} cannot change the rows of a running batch")
+
+
+def shortest_context(*models: Any) -> int | None:
+    """The context of models that read the same sequence together (a proxy): the shortest one known."""
+    known = [m.max_context for m in models if getattr(m, "max_context", None)]
+    return min(known) if known else None
 
 
 def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -54,6 +54,7 @@ class Context:
             raise FedptError(f"llama.cpp cannot make a context of {n_ctx} tokens for {self.path}")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(self.model)  # the context the model was trained for
         self.n_ctx, self.n_batch, self.n_seq_max = n_ctx, n_batch, n_seq
         self.memory = lib.llama_get_memory(self.ctx)
         self.batch = lib.llama_batch_init(n_batch, 0, 1)
@@ -156,6 +157,7 @@ class LlamaCppLM(LanguageModel):
         self.adapter = self.context.adapter(Path(adapter)) if adapter is not None else None
         self.tokenizer, self.name = tokenizer, name or path.name + (f"+{Path(adapter).name}" if adapter else "")
         self.vocab_size = min(self.context.n_vocab, len(tokenizer))
+        self.max_context = min(n for n in (self.context.n_ctx_train, self.context.n_ctx) if n > 0)
         self.eos_token_ids = {i for i in [tokenizer.eos_token_id, *self.context.end_tokens()]
                               if i is not None and i >= 0}
         ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]

@@ -27,6 +27,7 @@ from torch import Tensor
 from fedpt.errors import FedptError
 
 DYNAMIC_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+ALPHA_RANGE = (0.0, 4.0)  # where proxy-tuning steers; a spec outside it must say force (fedpt/proxy/spec.py)
 BELOW_KNOWN = math.log(0.999)  # a filled token stays just below the smallest reported one
 
 

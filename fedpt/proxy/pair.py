@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from fedpt.errors import FedptError, first_line
-from fedpt.models import HFCausalLM, LanguageModel, check_same_vocabulary, load_model
+from fedpt.models import HFCausalLM, LanguageModel, check_same_vocabulary, load_model, shortest_context
+from fedpt.models.base_record import check_base
 from fedpt.models.int8 import quantize_int8
 
 
@@ -64,6 +65,7 @@ class AdapterPair(ExpertPair):
     def __init__(self, peft_model: torch.nn.Module, tokenizer: Any, name: str = "small+adapter"):
         self._lm = HFCausalLM(peft_model, tokenizer, name=name)
         self.name, self.tokenizer, self.vocab_size = name, tokenizer, self._lm.vocab_size
+        self.max_context = self._lm.max_context
         self._row_mask: Tensor | None = None
         self._hook_lora(peft_model)
 
@@ -141,6 +143,7 @@ class SeparatePair(ExpertPair):
         self.name = f"{base.name} -> {tuned.name}"
         self.tokenizer = base.tokenizer
         self.vocab_size = min(base.vocab_size, tuned.vocab_size)
+        self.max_context = shortest_context(base, tuned)
 
     @property
     def tuned(self) -> LanguageModel:
@@ -172,7 +175,7 @@ def is_adapter(folder: str | Path) -> bool:
 
 def load_expert(
     small: str | Path, adapter: str | Path, *, dtype: str = "auto", device: str = "cpu", int8: bool = False,
-    device_map: str = ""
+    device_map: str = "", force: bool = False
 ) -> ExpertPair:
     """The small base model and its tuned version: a LoRA adapter folder, or a fully fine-tuned model folder.
 
@@ -180,6 +183,7 @@ def load_expert(
     different numbers; benchmarks/decode.py measures both.
     """
     path = Path(adapter).expanduser()
+    check_base(path, small, force)
     if is_adapter(path):
         from peft import PeftModel
 
@@ -213,8 +217,8 @@ def _check_finite(model: torch.nn.Module, folder: Path, only: str = "") -> None:
 
 
 def load_tuned(small: str | Path, tuned: str | Path, *, dtype: str = "auto", device: str = "cpu",
-               device_map: str = "") -> LanguageModel:
+               device_map: str = "", force: bool = False) -> LanguageModel:
     """The tuned small model alone: the base model with a LoRA adapter folder, or a fully fine-tuned folder."""
     if is_adapter(tuned):
-        return load_expert(small, tuned, dtype=dtype, device=device, device_map=device_map).tuned
+        return load_expert(small, tuned, dtype=dtype, device=device, device_map=device_map, force=force).tuned
     return HFCausalLM.load(Path(tuned).expanduser(), dtype=dtype, device=device, device_map=device_map)

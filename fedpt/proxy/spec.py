@@ -12,7 +12,8 @@ from pathlib import Path
 from fedpt.config import BACKENDS, ModelConfig
 from fedpt.errors import FedptError
 from fedpt.models import LanguageModel
-from fedpt.proxy.fusion import Fusion
+from fedpt.models.base_record import check_base
+from fedpt.proxy.fusion import ALPHA_RANGE, Fusion
 from fedpt.proxy.pair import ExpertPair, load_expert
 
 
@@ -31,6 +32,7 @@ class ModelSpec:
     api_key_env: str = ""  # a URL's API key: the NAME of the environment variable that holds it
     top_k: int = 20  # a URL's log-probabilities per position
     backend: str = "transformers"  # or "llama.cpp": local models from their GGUF files, the adapter converted
+    force: bool = False  # an adapter on another base than its own, or alpha outside ALPHA_RANGE: allowed
 
     def __post_init__(self) -> None:
         if not self.large:
@@ -41,6 +43,10 @@ class ModelSpec:
             raise FedptError("small and adapter go together: the small base model and its tuned version")
         if self.small is None and self.fusion is not None:
             raise FedptError("a fusion steers the large model with a small pair: give small and adapter")
+        low, high = ALPHA_RANGE
+        if self.fusion and not self.fusion.dynamic and not low <= self.fusion.alpha <= high and not self.force:
+            raise FedptError(f"alpha {self.fusion.alpha:g} is outside [{low:g}, {high:g}], where proxy-tuning steers "
+                             "(1 as published); pass --force to use it anyway")
 
     @classmethod
     def from_config(cls, model: ModelConfig, *, adapter: str | Path | None = None, fusion: Fusion | None = None,
@@ -63,8 +69,9 @@ class ModelSpec:
         if self.small is None or self.adapter is None:
             raise FedptError(f"{self.large} has no small pair to open: give small and adapter")
         if self.backend == "llama.cpp":
-            return _llama_cpp_pair(self.small, self.adapter, self.tokenizer)
-        return load_expert(self.small, self.adapter, dtype=self.dtype, device=self.device, int8=self.small_int8)
+            return _llama_cpp_pair(self.small, self.adapter, self.tokenizer, self.force)
+        return load_expert(self.small, self.adapter, dtype=self.dtype, device=self.device, int8=self.small_int8,
+                           force=self.force)
 
     def open_tuned(self, base: str, folder: str | Path, spread: bool = False) -> LanguageModel:
         """`base` tuned into `folder` (a LoRA adapter or a fully tuned model), alone, on this spec's backend and
@@ -72,9 +79,9 @@ class ModelSpec:
         from fedpt.proxy.pair import is_adapter, load_tuned
 
         if self.backend == "llama.cpp" and is_adapter(folder):
-            return _llama_cpp_pair(base, folder, self.tokenizer or base).tuned
+            return _llama_cpp_pair(base, folder, self.tokenizer or base, self.force).tuned
         return load_tuned(base, folder, dtype=self.dtype, device=self.device,
-                          device_map=self.large_device_map if spread else "")
+                          device_map=self.large_device_map if spread else "", force=self.force)
 
     def open(self) -> LanguageModel:
         """The large model alone, or proxy-tuned by the small pair with the spec's fusion."""
@@ -86,7 +93,7 @@ class ModelSpec:
         return ProxyTunedLM(large, self.open_expert(), fusion=self.fusion or Fusion(alpha=1.0))
 
 
-def _llama_cpp_pair(small: str, adapter: str | Path, tokenizer: str | None) -> ExpertPair:
+def _llama_cpp_pair(small: str, adapter: str | Path, tokenizer: str | None, force: bool = False) -> ExpertPair:
     """The small pair in llama.cpp: one copy of the small model's GGUF weights, read by two LanguageModels, the
     tuned one with the federated LoRA adapter (converted to GGUF once) switched on."""
     from fedpt.models.gguf_lora import to_gguf
@@ -95,6 +102,7 @@ def _llama_cpp_pair(small: str, adapter: str | Path, tokenizer: str | None) -> E
     from fedpt.models.loading import gguf_of
     from fedpt.proxy.pair import SeparatePair, is_adapter
 
+    check_base(adapter, small, force)
     if not is_adapter(adapter):
         raise FedptError(f"{adapter} is not a LoRA adapter folder: the llama.cpp backend runs a small model tuned "
                          "with LoRA (a fully tuned one runs with the transformers backend)")

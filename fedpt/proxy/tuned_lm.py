@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedpt.models import LanguageModel, check_same_vocabulary
+from fedpt.models import LanguageModel, check_same_vocabulary, shortest_context
 from fedpt.proxy.fusion import Fusion
 from fedpt.proxy.pair import ExpertPair
 
@@ -43,6 +43,7 @@ class ProxyTunedLM(LanguageModel):
         self.tokenizer = large.tokenizer
         self.vocab_size = min(large.vocab_size, expert.vocab_size)
         self.eos_token_ids = large.eos_token_ids
+        self.max_context = shortest_context(large, expert)
         # a remote large model waits on the network: its request is in flight while the small pair computes
         self._overlap = ThreadPoolExecutor(max_workers=1) if getattr(large, "remote", False) else None
 

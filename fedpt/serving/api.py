@@ -184,6 +184,10 @@ class API:
         if len(tokens) > self.limits.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(tokens)} tokens; this server takes at most "
                                 f"{self.limits.max_prompt_tokens}", code="context_length_exceeded", param="prompt")
+        context = self.engine.lm.max_context
+        if context is not None and len(tokens) >= context:
+            raise APIError(400, f"the prompt has {len(tokens)} tokens: no room left in the model's context of "
+                                f"{context} tokens", code="context_length_exceeded", param="prompt")
         return tokens
 
     @staticmethod

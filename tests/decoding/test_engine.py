@@ -182,3 +182,18 @@ def test_a_prompt_that_fails_ends_only_its_own_request(proxy):
         engine.close()
     assert reports["long"][-1].finish_reason == "error" and "too long" in reports["long"][-1].error
     assert reports["short"][-1].finish_reason in ("stop", "length")
+
+
+def test_a_prompt_over_the_context_is_refused_and_answers_end_at_the_context(tiny):
+    from fedpt.decoding import Sampling, generate_tokens
+    from fedpt.errors import FedptError
+    from fedpt.models import HFCausalLM
+
+    lm = HFCausalLM.load(tiny["small"], dtype="float32")
+    assert lm.max_context == 1024
+    with pytest.raises(FedptError, match="the prompt has 1100 tokens: no room left in the model's context of 1024"):
+        generate_tokens(lm, [[5] * 1100], Sampling(max_tokens=4))
+    with pytest.raises(FedptError, match="stop strings must not be empty"):
+        Sampling(stop=("",))
+    ids = generate_tokens(lm, [[5] * 1012], Sampling(max_tokens=40, ignore_eos=True))[0]
+    assert len(ids) == 12  # 1012 + 12 = the context of 1024: before, decoding ran past it into noise

@@ -1,0 +1,64 @@
+"""Which base model an adapter was trained on, so that it is never applied to another one by mistake.
+
+An adapter of the right shapes loads onto any base of the same architecture and gives noise, silently. Every
+model folder fedpt trains (round-K/, final/, a central run) gets `fedpt-base.json`: the base's name and a
+fingerprint of its weights (a hash of the first row of every tensor in its safetensors files: cheap, and
+different for any retrained or other model). Loading checks it; a mismatch is an error unless forced. Adapters
+fedpt did not train carry no record and are not checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from fedpt.errors import FedptError
+
+RECORD = "fedpt-base.json"
+
+
+def fingerprint(model: str | Path) -> str | None:
+    """A hash of the base model's weights (first row of each tensor), or None if they are not safetensors here."""
+    from safetensors import safe_open
+
+    from fedpt.models.store import resolve
+
+    try:
+        folder = resolve(model)
+    except FedptError:
+        return None  # a GGUF file or a URL: nothing of its weights to read here
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in sorted(f.keys()):
+                piece = f.get_slice(key)
+                if not piece.get_shape():
+                    continue
+                digest.update(key.encode())
+                digest.update(piece[:1].float().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def record_base(folder: Path, base: str | Path) -> None:
+    """Write the record into a model folder fedpt trained from `base`."""
+    (folder / RECORD).write_text(json.dumps({"base": str(base), "fingerprint": fingerprint(base)}))
+
+
+def check_base(folder: str | Path, base: str | Path, force: bool = False) -> None:
+    """Refuse to apply a tuned folder to another base than the one it was trained on (unless `force`)."""
+    path = Path(folder).expanduser() / RECORD
+    if force or not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        theirs = recorded["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise FedptError(f"{path} is damaged; delete it to load the adapter unchecked") from None
+    ours = fingerprint(base)
+    if theirs and ours and theirs != ours:
+        raise FedptError(f"{Path(folder).name} was trained on {recorded.get('base')}, whose weights differ from "
+                         f"{base}'s: it would give noise on it; pass the base it was trained on (or --force)")
