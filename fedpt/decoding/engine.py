@@ -30,6 +30,9 @@ from fedpt.proxy.fusion import fill_tail
 log = logging.getLogger("fedpt.engine")
 
 
+SCORE_TOKENS = 4096  # padded tokens per scoring pass: bounds its (rows x positions x vocabulary) log-probs
+
+
 class QueueFull(Exception):
     """More requests wait than the engine's queue holds."""
 
@@ -128,11 +131,13 @@ class Engine:
 
     def _admit(self, block: bool) -> None:
         """Read the prompts of waiting requests (waiting up to 0.1 s for one if `block`) and join them to the
-        batch."""
+        batch. Scoring requests (echo) are read together in one pass that also gives their first token."""
         new: list[Request] = []
-        while len(self._running) + len(new) < self.max_batch:
+        echoes: list[Request] = []
+        while len(self._running) + len(new) + len(echoes) < self.max_batch:
             try:
-                request = self._waiting.get(timeout=0.1) if block and not new else self._waiting.get_nowait()
+                request = self._waiting.get(timeout=0.1) if block and not (new or echoes) \
+                    else self._waiting.get_nowait()
             except queue.Empty:
                 break
             if request.cancelled.is_set():
@@ -143,10 +148,13 @@ class Engine:
             except Exception as e:  # this request's prompt failed: the others go on
                 request.report(Report(finish_reason="error", error=first_line(e)))
                 continue
-            if request.sampling.max_tokens > 0:
+            if request.sampling.echo_logprobs:
+                echoes.append(request)
+            elif request.sampling.max_tokens > 0:
                 new.append(request)
             else:
                 request.report(Report(finish_reason="length"))
+        new += self._score(echoes)
         if not new:
             return
         ids, mask = pad_left([r.prompt for r in new], pad_id(self.lm.tokenizer))
@@ -172,19 +180,44 @@ class Engine:
         if sampling.temperature > 0:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
             request.generator = torch.Generator().manual_seed(seed)
-        if sampling.echo_logprobs:
-            request.report(Report(prompt=self._prompt_logprobs(request)))
 
-    def _prompt_logprobs(self, request: Request) -> list[TokenInfo | None]:
-        """Each prompt token's log-prob given the tokens before it (scored like fedpt/scoring.py: a top-k model's
-        unreported tokens share its leftover mass)."""
-        prompt = request.prompt
-        if len(prompt) < 2:
-            return [None] * len(prompt)
-        ids, mask = pad_left([prompt], pad_id(self.lm.tokenizer))
-        logprobs = fill_tail(self.lm.logprobs(ids, mask, last=len(prompt)))[0, :-1]  # (T - 1, V): row j predicts j+1
-        top_n = request.sampling.top_logprobs or 0
-        return [None, *(_info(lp, token, top_n) for lp, token in zip(logprobs, prompt[1:]))]
+    def _score(self, requests: list[Request]) -> list[Request]:
+        """Scoring requests (echo), read in passes of at most SCORE_TOKENS padded tokens: each gets every prompt
+        token's log-prob given the tokens before it (a top-k model's unreported tokens share its leftover mass, as in
+        fedpt/scoring.py) and, from the same pass, its first new token. Those that want more tokens are returned,
+        to decode in the batch."""
+        more: list[Request] = []
+        group: list[Request] = []
+        for i, request in enumerate(requests):
+            group.append(request)
+            following = requests[i + 1] if i + 1 < len(requests) else None
+            width = max(len(r.prompt) for r in group)
+            if following is None or (len(group) + 1) * max(width, len(following.prompt)) > SCORE_TOKENS:
+                try:
+                    more += self._score_group(group)
+                except Exception as e:
+                    log.exception("scoring prompts failed")
+                    for r in group:
+                        r.report(Report(finish_reason="error", error=first_line(e)))
+                group = []
+        return more
+
+    def _score_group(self, group: list[Request]) -> list[Request]:
+        last = max(len(r.prompt) for r in group)
+        ids, mask = pad_left([r.prompt for r in group], pad_id(self.lm.tokenizer))
+        logprobs = fill_tail(self.lm.logprobs(ids, mask, last=last))  # (B, last, V): row j predicts token j + 1
+        more = []
+        for request, rows in zip(group, logprobs):
+            prompt, top_n = request.prompt, request.sampling.top_logprobs or 0
+            rows = rows[last - len(prompt):]  # (T, V): this prompt's own positions; the last predicts a new token
+            request.report(Report(prompt=[None, *(_info(lp, token, top_n) for lp, token in zip(rows, prompt[1:]))]))
+            if request.sampling.max_tokens == 0:
+                request.report(Report(finish_reason="length"))
+            elif request.sampling.max_tokens == 1:  # its one token comes from this pass: no second read
+                request.report(self._advance(request, self._choose(request, rows[-1]), rows[-1]))
+            else:
+                more.append(request)
+        return more
 
     def _step(self) -> None:
         rows = self._running

@@ -197,3 +197,42 @@ def test_a_prompt_over_the_context_is_refused_and_answers_end_at_the_context(tin
         Sampling(stop=("",))
     ids = generate_tokens(lm, [[5] * 1012], Sampling(max_tokens=40, ignore_eos=True))[0]
     assert len(ids) == 12  # 1012 + 12 = the context of 1024: before, decoding ran past it into noise
+
+
+def test_scoring_requests_are_read_together_in_one_pass_that_also_gives_their_token(tiny):
+    from fedpt.decoding.engine import Engine, Request
+    from fedpt.models import HFCausalLM
+
+    lm = HFCausalLM.load(tiny["small"], dtype="float32")
+    calls = {"logprobs": 0, "start": 0}
+    for name in calls:
+        method = getattr(lm, name)
+
+        def counted(*args, _method=method, _name=name, **kwargs):
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+
+        setattr(lm, name, counted)
+    prompts = [[5, 6, 7, 8, 9][: 2 + i % 4] for i in range(8)]
+
+    def score(together: bool) -> list[list]:
+        engine, reports = Engine(lm, max_batch=8), [[] for _ in prompts]
+        for i, prompt in enumerate(prompts):
+            engine.submit(Request(prompt, Sampling(max_tokens=i % 2, echo_logprobs=True, top_logprobs=1,
+                                                   ignore_eos=True), reports[i].append))
+            if not together:
+                engine.run_step()
+        while engine.load["waiting"] or engine.load["running"]:
+            engine.run_step()
+        return reports
+
+    apart, together = score(False), score(True)
+    assert calls == {"logprobs": 9, "start": 0}  # 8 passes one by one, 1 for all 8; no second read for a token
+    for one, batched in zip(apart, together):
+        assert [r.finish_reason for r in one] == [r.finish_reason for r in batched] == [None, "length"]
+        first = [(t.id, t.logprob) if t else None for t in one[0].prompt]
+        second = [(t.id, t.logprob) if t else None for t in batched[0].prompt]
+        assert [f and f[0] for f in first] == [s and s[0] for s in second]
+        assert all(f is None or abs(f[1] - s[1]) < 1e-5 for f, s in zip(first, second))
+        assert [t.id for t in one[1].tokens] == [t.id for t in batched[1].tokens]
+    assert [len(r[1].tokens) for r in together] == [i % 2 for i in range(8)]
