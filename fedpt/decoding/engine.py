@@ -249,9 +249,13 @@ class Engine:
         """Take one token into a request: its new text (held back while it may still become a stop string)."""
         if request.cancelled.is_set():
             return Report(finish_reason="cancelled")
-        if token in self.lm.eos_token_ids and not request.sampling.ignore_eos:
-            return Report(text=self._text(request)[request.sent:], finish_reason="stop")
         sampling = request.sampling
+        if token in self.lm.eos_token_ids and not sampling.ignore_eos:
+            # the end token is not text, but a client that asked for log-probs gets its entry (lm-eval's echo
+            # scoring reads the last one as the generated token's)
+            info = [_info(logprobs, token, sampling.top_logprobs)] if sampling.top_logprobs is not None else []
+            return Report(text=self._text(request)[request.sent:], new_tokens=len(info), tokens=info,
+                          finish_reason="stop")
         request.generated.append(token)
         info = [_info(logprobs, token, sampling.top_logprobs)] if sampling.top_logprobs is not None else []
         text = self._text(request)

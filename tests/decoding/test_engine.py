@@ -236,3 +236,21 @@ def test_scoring_requests_are_read_together_in_one_pass_that_also_gives_their_to
         assert all(f is None or abs(f[1] - s[1]) < 1e-5 for f, s in zip(first, second))
         assert [t.id for t in one[1].tokens] == [t.id for t in batched[1].tokens]
     assert [len(r[1].tokens) for r in together] == [i % 2 for i in range(8)]
+
+
+def test_an_end_token_chosen_after_an_echo_is_reported_with_its_log_prob(tiny):
+    from fedpt.decoding.engine import Engine, Request
+    from fedpt.models import HFCausalLM
+
+    lm = HFCausalLM.load(tiny["small"], dtype="float32")
+    prompt = [5, 6, 7, 8]
+    ids, mask = pad_left([prompt], 0)
+    greedy = int(lm.logprobs(ids, mask, last=1)[0, -1].argmax())
+    lm.eos_token_ids = {greedy}  # the greedy next token is an end token, as `<|im_end|>` after an answer
+    reports = []
+    engine = Engine(lm)
+    engine.submit(Request(prompt, Sampling(max_tokens=1, echo_logprobs=True, top_logprobs=1), reports.append))
+    engine.run_step()
+    assert len(reports[0].prompt) == 4 and reports[-1].finish_reason == "stop"
+    # before: no entry for it, so lm-eval's sum over token_logprobs[ctxlen:-1] dropped the continuation's last token
+    assert [t.id for t in reports[-1].tokens] == [greedy] and reports[-1].new_tokens == 1
