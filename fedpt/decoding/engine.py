@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fedpt.data import pad_id
-from fedpt.decoding.sampling import Sampling, choose
+from fedpt.decoding.sampling import GREEDY_BELOW, Sampling, choose
 from fedpt.errors import FedptError, first_line
 from fedpt.models import LanguageModel, pad_left
 from fedpt.proxy.fusion import fill_tail
@@ -177,7 +177,7 @@ class Engine:
         if self.max_length is not None and len(request.prompt) >= self.max_length:
             raise FedptError(f"the prompt has {len(request.prompt)} tokens: no room left in the model's context of "
                              f"{self.max_length} tokens; shorten it")
-        if sampling.temperature > 0:
+        if sampling.temperature >= GREEDY_BELOW:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
             request.generator = torch.Generator().manual_seed(seed)
 
@@ -241,7 +241,7 @@ class Engine:
     @staticmethod
     def _choose(request: Request, logprobs: Tensor) -> int:
         s = request.sampling
-        if s.temperature == 0:
+        if s.temperature < GREEDY_BELOW:
             return int(logprobs.argmax())
         return int(choose(logprobs[None], s.temperature, s.top_p, request.generator)[0])
 

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from fedpt.errors import FedptError
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's rule)
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -40,7 +42,7 @@ def choose(logprobs: Tensor, temperature: float, top_p: float, generator: torch.
 
     The draw is by inverse CDF from one uniform number per row, taken from `generator` (a CPU generator), so the
     (rows x vocabulary) tensors stay on whatever device the model left them and a seed draws the same way there."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # dividing by 1e-40 overflows to NaN; this close to 0, sampling is greedy
         return logprobs.argmax(-1)
     probs = torch.softmax(logprobs.float() / temperature, dim=-1)
     if top_p < 1:

@@ -254,3 +254,14 @@ def test_an_end_token_chosen_after_an_echo_is_reported_with_its_log_prob(tiny):
     assert len(reports[0].prompt) == 4 and reports[-1].finish_reason == "stop"
     # before: no entry for it, so lm-eval's sum over token_logprobs[ctxlen:-1] dropped the continuation's last token
     assert [t.id for t in reports[-1].tokens] == [greedy] and reports[-1].new_tokens == 1
+
+
+def test_a_temperature_that_underflows_decodes_greedily(tiny):
+    from fedpt.decoding import generate_tokens
+    from fedpt.models import HFCausalLM
+
+    lm = HFCausalLM.load(tiny["small"], dtype="float32")
+    greedy = generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=6, ignore_eos=True))
+    # before: logits / 1e-40 overflowed to NaN and the last vocabulary token came out, repeated
+    assert generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=6, temperature=1e-40, ignore_eos=True, seed=1)) \
+        == greedy
