@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fedpt.config import DEVICES, valid_device
 from fedpt.errors import FedptError, first_line
-from fedpt.models.interface import LanguageModel, positions
+from fedpt.models.interface import LanguageModel, end_tokens, positions
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "auto": None}
@@ -77,7 +77,7 @@ class HFCausalLM(LanguageModel):
         self.vocab_size = min(out_rows, len(tokenizer))
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_token_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.eos_token_ids = end_tokens(tokenizer, *eos)
         self.max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         head = model.get_output_embeddings()
         if not getattr(head, "_fedpt_strides", False):

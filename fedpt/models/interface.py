@@ -48,6 +48,21 @@ class LanguageModel(ABC):
         raise FedptError(f"{self.name} cannot change the rows of a running batch")
 
 
+DOCUMENT_END = "<|endoftext|>"  # GPT-2-style BPE's end of a document (GPT-2, Qwen, GPT-NeoX)
+
+
+def end_tokens(tokenizer: Any, *ids: int | None) -> set[int]:
+    """The tokens that end an answer: those given (the generation config's, the backend's) and the tokenizer's eos,
+    plus the end-of-document token where the tokenizer has it as a special token. Qwen's published generation
+    configs list both `<|im_end|>` and `<|endoftext|>`; folders made from a GGUF keep only the first, and a raw
+    completion that emits the second ran on past the answer."""
+    found = {i for i in (*ids, tokenizer.eos_token_id) if i is not None and i >= 0}
+    if DOCUMENT_END in getattr(tokenizer, "all_special_tokens", ()) or DOCUMENT_END in getattr(
+            tokenizer, "get_added_vocab", dict)():
+        found.add(tokenizer.convert_tokens_to_ids(DOCUMENT_END))
+    return found
+
+
 def shortest_context(*models: Any) -> int | None:
     """The context of models that read the same sequence together (a proxy): the shortest one known."""
     known = [m.max_context for m in models if getattr(m, "max_context", None)]

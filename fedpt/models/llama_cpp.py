@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fedpt.errors import FedptError
-from fedpt.models.interface import LanguageModel, unpadded
+from fedpt.models.interface import LanguageModel, end_tokens, unpadded
 from fedpt.models.remote import PROBE
 
 
@@ -158,8 +158,7 @@ class LlamaCppLM(LanguageModel):
         self.tokenizer, self.name = tokenizer, name or path.name + (f"+{Path(adapter).name}" if adapter else "")
         self.vocab_size = min(self.context.n_vocab, len(tokenizer))
         self.max_context = min(n for n in (self.context.n_ctx_train, self.context.n_ctx) if n > 0)
-        self.eos_token_ids = {i for i in [tokenizer.eos_token_id, *self.context.end_tokens()]
-                              if i is not None and i >= 0}
+        self.eos_token_ids = end_tokens(tokenizer, *self.context.end_tokens())
         ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
         theirs = self.context.tokenize(PROBE)
         if theirs != list(ours):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fedpt.errors import FedptError, first_line
-from fedpt.models.interface import RowByRowLM
+from fedpt.models.interface import RowByRowLM, end_tokens
 
 log = logging.getLogger("fedpt.remote")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -70,7 +70,7 @@ class RemoteLM(RowByRowLM):
 
         self.endpoint, self.tokenizer = endpoint, tokenizer
         self.vocab_size = len(tokenizer)
-        self.eos_token_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
+        self.eos_token_ids = end_tokens(tokenizer)
         headers = {"Authorization": f"Bearer {os.environ[endpoint.api_key_env]}"} if endpoint.api_key_env else {}
         self._client = httpx.Client(base_url=endpoint.url.rstrip("/"), headers=headers, timeout=endpoint.timeout)
         self._pool = ThreadPoolExecutor(max_workers=endpoint.concurrency)

@@ -42,3 +42,12 @@ def test_auto_dtype_is_bfloat16_only_where_computed_natively(monkeypatch):
     assert hf.torch_dtype("float16") == torch.float16
     with pytest.raises(FedptError, match="unknown dtype 'int3'"):
         hf.torch_dtype("int3")
+
+
+def test_the_end_of_document_token_ends_an_answer_too(tiny):
+    from fedpt.models import HFCausalLM
+
+    lm = HFCausalLM.load(tiny["small"], dtype="float32")
+    ids = lm.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    # before: only <|im_end|> (the generation config's), and a raw completion ran on past <|endoftext|>
+    assert set(ids) <= lm.eos_token_ids
