@@ -108,6 +108,11 @@ class Engine:
             raise QueueFull(f"{self._waiting.maxsize} requests are already waiting") from None
 
     @property
+    def capacity(self) -> int:
+        """Requests the queue can hold at once (0: no limit)."""
+        return self._waiting.maxsize
+
+    @property
     def load(self) -> dict[str, int]:
         return {"running": len(self._running), "waiting": self._waiting.qsize()}
 

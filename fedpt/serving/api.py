@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -26,6 +27,7 @@ from starlette.routing import Route
 from fedpt.decoding import Engine, QueueFull, Report, Request, Sampling, TokenInfo
 from fedpt.errors import FedptError
 from fedpt.serving.protocol import (
+    MAX_STOP_CHARS,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -55,6 +57,9 @@ class API:
 
     def app(self) -> Starlette:
         routes = [Route("/health", self.health), Route("/v1/models", self.models),
+                  Route("/v1/models/{model:path}", self.model),
+                  Route("/tokenize", self.tokenize, methods=["POST"]),
+                  Route("/detokenize", self.detokenize, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/chat/completions", self.chat, methods=["POST"])]
         app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed,
@@ -68,6 +73,33 @@ class API:
         self._authorize(request)
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fedpt"}]})
+
+    async def model(self, request: HTTPRequest) -> Response:
+        """openai's `models.retrieve`."""
+        self._authorize(request)
+        self._check_model(request.path_params["model"])
+        return JSONResponse({"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fedpt"})
+
+    async def tokenize(self, request: HTTPRequest) -> Response:
+        """vLLM's /tokenize: a prompt's token ids as this server reads them (`add_special_tokens` as there)."""
+        self._authorize(request)
+        body = await self._json(request)
+        self._check_model(body.get("model"))
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise APIError(400, "'prompt' must be a string", param="prompt")
+        tokens = self.tokenizer(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.max_length})
+
+    async def detokenize(self, request: HTTPRequest) -> Response:
+        """vLLM's /detokenize: the text of token ids."""
+        self._authorize(request)
+        body = await self._json(request)
+        self._check_model(body.get("model"))
+        tokens, vocab = body.get("tokens"), self.engine.lm.vocab_size
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+            raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
 
     async def completions(self, request: HTTPRequest) -> Response:
         self._authorize(request)
@@ -153,14 +185,20 @@ class API:
             parsed = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the body is nested too deeply") from None
         if not isinstance(parsed, dict):
             raise APIError(400, "the body must be a JSON object")
         return parsed
 
-    def _check_common(self, body: RequestBase) -> None:
-        if body.model not in (None, self.model_name):
-            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+    def _check_model(self, name: Any) -> None:
+        """A request names the served model as `fedpt serve --name` says, or by the model's own name."""
+        if name not in (None, self.model_name, self.engine.lm.name, Path(str(self.engine.lm.name)).name):
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
                            code="model_not_found", param="model")
+
+    def _check_common(self, body: RequestBase) -> None:
+        self._check_model(body.model)
         if body.n != 1:
             raise APIError(400, "only n = 1 is supported", param="n")
 
@@ -195,6 +233,8 @@ class API:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
         return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                         stop=tuple(stop), top_logprobs=top_logprobs, echo_logprobs=echo,
                         ignore_eos=body.ignore_eos)
@@ -202,6 +242,10 @@ class API:
     # ---- running requests ----
 
     def _submit(self, prompts: list[list[int]], sampling: Sampling) -> tuple[list[Request], asyncio.Queue]:
+        capacity = self.engine.capacity
+        if capacity and len(prompts) > capacity:  # it could never be queued: not a reason to retry
+            raise APIError(400, f"{len(prompts)} prompts in one request; this server takes at most {capacity}",
+                           param="prompt")
         loop, reports = asyncio.get_running_loop(), asyncio.Queue()
         requests = []
         for i, prompt in enumerate(prompts):

@@ -44,6 +44,9 @@ class APIError(Exception):
 
 # ---- requests: the fields fedpt honours; unknown fields are ignored, known ones are checked ----
 
+MAX_STOPS = 16  # stop strings a request may give (vLLM takes any number; OpenAI 4)
+MAX_STOP_CHARS = 256
+
 class RequestBase(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -51,8 +54,8 @@ class RequestBase(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOPS)  # each checked on every token: bounded
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's extension: "token_id:N" instead of the token's text

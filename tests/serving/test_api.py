@@ -165,6 +165,13 @@ def test_a_fedpt_server_is_the_black_box_of_another(served, proxy):
     (json.dumps({"prompt": [10**9]}).encode(), 400, "token ids"),
     (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "does not exist"),
     (json.dumps({"prompt": "x" * 30_000}).encode(), 413, "bytes"),
+    # before: 500 for these three, and 200 after 40 s for 10,000 stop strings
+    (b'{"prompt": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested too deeply"),
+    (json.dumps({"prompt": "hi", "seed": 2**70}).encode(), 400, "seed"),
+    (json.dumps({"prompt": "hi", "seed": -2**63 - 1}).encode(), 400, "seed"),
+    (json.dumps({"prompt": "hi", "stop": [f"s{i}" for i in range(17)]}).encode(), 400, "stop"),
+    (json.dumps({"prompt": "hi", "stop": ["x" * 300]}).encode(), 400, "at most 256 characters"),
+    (json.dumps({"prompt": [[5, 6]] * 65}).encode(), 400, "at most 64"),  # before: 429, retry later (never works)
 ])
 def test_bad_requests_get_openai_errors(served, body, status, words):
     _, url = served
@@ -182,6 +189,23 @@ def test_the_api_key_is_enforced(served):
             openai.OpenAI(base_url=url, api_key=key or "-", max_retries=0).models.list()
     assert httpx.get(f"{url}/models").status_code == 401
     assert "s3cret" not in httpx.get(f"{url}/models").text
+
+
+def test_routes_clients_call_and_the_models_own_name(served, proxy):
+    client, url = served
+    auth = {"Authorization": "Bearer s3cret-key"}
+    assert client.models.retrieve("tiny-proxy").id == "tiny-proxy"  # openai's models.retrieve
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    root = url.removesuffix("/v1")
+    tokens = httpx.post(f"{root}/tokenize", json={"prompt": "hello world"}, headers=auth).json()
+    assert tokens["tokens"] == proxy.tokenizer("hello world")["input_ids"] and tokens["count"] == len(tokens["tokens"])
+    text = httpx.post(f"{root}/detokenize", json={"tokens": tokens["tokens"]}, headers=auth).json()["prompt"]
+    assert text == proxy.tokenizer.decode(tokens["tokens"])
+    assert httpx.post(f"{root}/detokenize", json={"tokens": [-1]}, headers=auth).status_code == 400
+    # the model may be named by its own name too, not only the served one
+    reply = client.completions.create(model=proxy.name, prompt="hello", max_tokens=2)
+    assert reply.choices[0].text is not None
 
 
 def test_unknown_routes_and_methods(served):
