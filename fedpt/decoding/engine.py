@@ -86,6 +86,8 @@ class Engine:
         self._logprobs: Tensor | None = None  # next-token log-probs of the running rows: (B, V)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fedpt-engine", daemon=True)
+        self._special = set(getattr(lm.tokenizer, "all_special_ids", ())) | {  # and added special tokens
+            i for i, t in getattr(lm.tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
         self.steps = 0  # decoding steps run, and rows decoded over them: their ratio is the mean batch width
         self.rows_decoded = 0
 
@@ -261,6 +263,9 @@ class Engine:
             info = [_info(logprobs, token, sampling.top_logprobs)] if sampling.top_logprobs is not None else []
             return Report(text=self._text(request)[request.sent:], new_tokens=len(info), tokens=info,
                           finish_reason="stop")
+        if sampling.stop and token in self._special and self.lm.tokenizer.convert_ids_to_tokens(token) in sampling.stop:
+            # a special token as a stop string (lm-eval adds `<|im_end|>`): the answer's text never shows it
+            return Report(text=self._text(request)[request.sent:], finish_reason="stop")
         request.generated.append(token)
         info = [_info(logprobs, token, sampling.top_logprobs)] if sampling.top_logprobs is not None else []
         text = self._text(request)

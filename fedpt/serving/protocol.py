@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.responses import JSONResponse
 
 from fedpt.decoding import Report
@@ -60,6 +60,29 @@ class RequestBase(BaseModel):
     stream_options: dict[str, Any] | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's extension: "token_id:N" instead of the token's text
     ignore_eos: bool = False  # vLLM's extension: decode through end tokens up to max_tokens (benchmarks)
+    # fields that would change the answer and fedpt does not honour: refused (400), never silently ignored
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> RequestBase:
+        unsupported = {
+            "response_format": self.response_format not in (None, {"type": "text"}),
+            "tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none"),
+            "logit_bias": bool(self.logit_bias), "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0, "best_of": self.best_of not in (None, 1),
+            "suffix": bool(self.suffix)}
+        named = [name for name, used in unsupported.items() if used]
+        if named:
+            raise ValueError(f"{named[0]} is not supported by this server (fedpt would ignore it and answer "
+                             "otherwise than asked); leave it out")
+        return self
 
 
 class CompletionRequest(RequestBase):

@@ -265,3 +265,23 @@ def test_a_temperature_that_underflows_decodes_greedily(tiny):
     # before: logits / 1e-40 overflowed to NaN and the last vocabulary token came out, repeated
     assert generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=6, temperature=1e-40, ignore_eos=True, seed=1)) \
         == greedy
+
+
+def test_a_special_token_as_a_stop_string_ends_the_answer(tiny):
+    from fedpt.models import HFCausalLM
+
+    lm = HFCausalLM.load(tiny["small"], dtype="float32")
+    special = lm.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    step = lm.step
+
+    def forced(state, tokens):  # every decoding step after the first chooses the special token
+        out = step(state, tokens).clone()
+        out[:, special] = 0.0
+        return out
+
+    lm.step = forced
+    free = generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=4, ignore_eos=True))[0]
+    assert free[1:] == [special] * 3
+    # before: stops were matched on text decoded without special tokens, so this one never matched
+    assert generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=4, ignore_eos=True, stop=("<|im_start|>",)))[0] \
+        == free[:1]

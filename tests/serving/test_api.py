@@ -299,3 +299,18 @@ def test_the_serve_command_answers_curl_style_requests_and_stops_on_interrupt(ti
     assert server.returncode in (0, 130)
     assert "k3y" not in err and "Traceback" not in err
     assert "serving proxy(" in err and "w=0.5" in err
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("logit_bias", {"5": 100}), ("presence_penalty", 1.0),
+    ("frequency_penalty", 0.5), ("best_of", 3), ("suffix", "end"),
+])
+def test_fields_that_would_change_the_answer_are_refused_not_ignored(served, field, value):
+    _, url = served
+    reply = httpx.post(f"{url}/completions", json={"prompt": "hi", field: value},
+                       headers={"Authorization": "Bearer s3cret-key"})
+    assert reply.status_code == 400 and f"{field} is not supported" in reply.json()["error"]["message"]
+    ok = httpx.post(f"{url}/completions", json={"prompt": "hi", "max_tokens": 1, "response_format": {"type": "text"},
+                                                "presence_penalty": 0}, headers={"Authorization": "Bearer s3cret-key"})
+    assert ok.status_code == 200
