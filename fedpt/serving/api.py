@@ -42,6 +42,7 @@ from fedpt.serving.protocol import (
 )
 
 log = logging.getLogger("fedpt.serve")
+DISCONNECT_CHECK_S = 0.5  # how often a running request asks whether its client is still there
 
 
 class API:
@@ -265,17 +266,21 @@ class API:
                        reports: asyncio.Queue) -> AsyncIterator[tuple[int, Report]]:
         """Reports as they come, until every request finished; cancels them on timeout or a vanished client."""
         deadline = time.monotonic() + self.limits.timeout
+        checked = time.monotonic()
         open_ = set(range(len(requests)))
         try:
             while open_:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     raise APIError(504, f"the request took over {self.limits.timeout:g} s", "timeout_error")
-                try:
-                    i, report = await asyncio.wait_for(reports.get(), timeout=min(left, 1.0))
-                except TimeoutError:
+                if now - checked >= DISCONNECT_CHECK_S:  # however fast tokens come: a client that left frees its rows
+                    checked = now
                     if await request.is_disconnected():
                         return
+                try:
+                    i, report = await asyncio.wait_for(reports.get(), timeout=min(left, DISCONNECT_CHECK_S))
+                except TimeoutError:
                     continue
                 if report.finish_reason == "error":
                     raise APIError(500, f"decoding failed: {report.error}", "server_error")

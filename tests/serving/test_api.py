@@ -267,6 +267,13 @@ def test_a_full_queue_answers_429_a_slow_request_504_and_a_gone_client_frees_its
             next(reply.iter_lines())
         wait_for("running", 0)
 
+        # a non-streaming client that gives up while tokens keep coming (before: its row decoded to max_tokens)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/completions", json={**body, "max_tokens": 600}, timeout=0.5)
+        gone = time.monotonic()
+        wait_for("running", 0)
+        assert time.monotonic() - gone < 1.0  # within a check (0.5 s); the 2 s request timeout would take 1.5 s
+
 
 def test_the_serve_command_answers_curl_style_requests_and_stops_on_interrupt(tiny, tiny_adapter, tmp_path):
     import signal
