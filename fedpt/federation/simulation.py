@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,23 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # fedpt shows rounds itself; Flower's INFO lines are noise
 
 
+def guard_ray() -> None:
+    """Token authentication for the run's Ray cluster. Ray 2.55 binds its GCS, raylet and worker servers on every
+    interface (it maps 127.0.0.1 to the machine's address; see docs/deployment.md), and whoever reaches them can
+    run code as this user; with a token only this process and its workers may talk to them. Ray reads the mode
+    when it is imported, so this must run first; a token the user set (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is
+    kept. The token is random per process and never printed."""
+    if "ray" in sys.modules:  # too late to switch Ray's mode in this process: say so instead of breaking the run
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            logging.getLogger("fedpt.federation").warning("Ray was imported before the simulation: its token "
+                                                          "authentication stays off in this process")
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not (os.environ.get("RAY_AUTH_TOKEN")
+                                                       or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 def client_gpus(config: RunConfig) -> float:
     """GPUs each simulated client holds: federation.client_gpus where clients train on CUDA (Ray then gives each
     worker its share of a GPU, as FlowerTune does), none on CPU, so one config runs on both."""
@@ -33,6 +52,7 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
     """Train `config` with federation.clients simulated SuperNodes; return the folder of the final model."""
     setup_process()
     quiet_flower()
+    guard_ray()
     from flwr.simulation import run_simulation
 
     if client_app is None:

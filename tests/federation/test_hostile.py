@@ -99,3 +99,30 @@ def test_a_replayed_update_is_rejected_and_a_silent_node_is_left_at_the_deadline
     assert [c["partition-id"] for c in rows[2]["clients"]] == [0] and final.is_dir()
     assert "rejected client 2: no answer" in (tmp_path / "run" / "server.log").read_text()
     assert time.time() - started < 240
+
+
+def test_the_runs_ray_cluster_refuses_a_process_without_its_token(tiny_run, tmp_path):
+    """Ray 2.55 listens on every interface; a process on the machine (or the network) that reaches its GCS
+    without the run's token is refused (before: token authentication was off, and it could run code)."""
+    import os
+    import subprocess
+    import sys
+
+    found = {}
+
+    def probe(server_round, model, tokenizer):
+        import ray
+
+        address = ray._private.worker.global_worker.node.gcs_address
+        code = f"import ray; ray.init(address='{address}'); print('IN', ray.get(ray.remote(lambda: 1).remote()))"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        reply = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        found["outsider"] = (reply.returncode, "IN 1" in reply.stdout)
+        found["mode"] = os.environ.get("RAY_AUTH_MODE")
+        return None
+
+    simulate(tiny_run(tmp_path / "run", federation={"clients": 2, "rounds": 1, "eval_examples": 4,
+                                                    "client_cpus": 1, "partition": "iid"}), after_round=probe)
+    if found["mode"] != "token":
+        pytest.skip("Ray was imported before this test's simulation: its token mode is set per process")
+    assert found["outsider"][0] != 0 and not found["outsider"][1]
