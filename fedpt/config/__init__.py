@@ -1,5 +1,5 @@
-"""The run configuration: the schema (schema.py, the one source of every key, its type and its default) and
-reading it (reading.py). Torch-free.
+"""The run configuration: the schema (schema.py, the one source of every key, its type and its default; the
+federation's and privacy's sections in federation.py) and reading it (reading.py). Torch-free.
 
 Sections: `[model]`, `[data]`, `[federation]`, `[privacy]`, `[tuning]`, `[distill]`, `[experiment]`; every key is
 written out, with comments, in configs/chatterbot.toml (the defaults; a test keeps the two equal) and in

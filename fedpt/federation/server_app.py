@@ -194,7 +194,8 @@ class Federation:
         privacy = row.get("privacy")
         self.console.print(f"round {row['round']}: held-out NLL {row['global']['nll']:.4f}"
                            + (f", {len(row['clients'])} clients" if row["round"] else "")
-                           + (f", epsilon {privacy['epsilon']:.3g} (delta {privacy['delta']:.2g})" if privacy else ""))
+                           + (f", epsilon {privacy['epsilon']:.3g} (delta {privacy['delta']:.2g}, "
+                              f"{self.config.federation.clients} clients)" if privacy else ""))
 
     def _discover(self) -> dict[int, tuple[int, int]]:
         """Partition id -> (node id, examples it holds), asked of every connected node (node ids are random,

@@ -29,8 +29,8 @@ def test_the_accountant_is_dp_accountings_for_fedpts_sampling():
     # m of N clients without replacement under "replace one": sensitivity 2C, so the Gaussian's multiplier is z/2
     direct = rdp.RdpAccountant(neighboring_relation=rdp.rdp_privacy_accountant.NeighborRel.REPLACE_ONE)
     direct.compose(dp_event.SampledWithoutReplacementDpEvent(10, 3, dp_event.GaussianDpEvent(0.55)), 5)
-    assert accountant.delta == 0.1
-    assert accountant.epsilon() == pytest.approx(direct.get_epsilon(0.1), rel=1e-12)
+    assert accountant.delta == 1e-5  # min(1e-5, 0.1 / N): before, 1 / N = 0.1, which one published client meets
+    assert accountant.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-12)
     assert accountant.epsilon_after(2) > accountant.epsilon() > 0
     assert accountant.rounds == 5  # epsilon_after changed nothing
 
@@ -176,3 +176,18 @@ def test_local_dp_clients_send_clipped_noised_updates(tiny_run, tmp_path):
     coordinates = sum(v.size for v in np.load(tmp_path / "run" / "round-1" / "state.npz").values())
     for client in row["clients"]:
         assert client["update_norm"] == pytest.approx(0.005 * math.sqrt(coordinates), rel=0.05)
+
+
+def test_a_delta_that_says_nothing_is_refused_and_bad_settings_are_one_line():
+    from fedpt.errors import FedptError
+
+    base = cfg.load(None, [])
+    with pytest.raises(FedptError, match=r"privacy.delta 0.25 is at least 1/4 .*allow_large_delta"):
+        cfg.replace(base, privacy={"dp": "central", "noise_multiplier": 1.0, "delta": 0.25})
+    cfg.replace(base, privacy={"dp": "central", "noise_multiplier": 1.0, "delta": 0.25, "allow_large_delta": True})
+    cfg.replace(base, privacy={"dp": "central", "noise_multiplier": 1.0, "delta": 1e-6})
+    for bad in ({"noise_multiplier": float("inf")}, {"clip_norm": float("nan")}, {"target_epsilon": float("inf")}):
+        with pytest.raises(FedptError, match="finite"):
+            cfg.replace(base, privacy={"dp": "central", "noise_multiplier": 1.0, **bad})
+    with pytest.raises(FedptError, match="max_update_norm a finite number"):
+        cfg.replace(base, federation={"max_update_norm": float("nan")})
