@@ -80,6 +80,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def twin(tiny, tmp_path_factory) -> Path:
+    """A model of the tiny small model's shapes and tokenizer with other weights: what an adapter must not go on."""
+    return make_model(tmp_path_factory.mktemp("twin"), tiny["small"], layers=2, hidden=32, seed=9)
+
+
 @pytest.fixture()
 def fedpt_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDPT_HOME", str(tmp_path / "home"))

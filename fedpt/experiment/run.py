@@ -73,8 +73,11 @@ def run_experiment(config: RunConfig, out: Path, command: str = "") -> dict[str,
 
 def setup(config: RunConfig, out: Path) -> Splits:
     """Claim `out` for this config (an existing experiment must have the same one) and split the data."""
+    from fedpt.models.store import resolve
+
     exp = config.experiment
-    direct_model(config)  # a URL without local weights fails here, before any training
+    for model in (config.model.small, direct_model(config)):  # a typo fails here, before config.json is written
+        resolve(model)
     parts = load_splits(config.data)
     data = Splits(parts["train"], parts["validation"][: exp.validation_examples or None],
                   parts["test"][: exp.test_examples or None])
@@ -83,8 +86,10 @@ def setup(config: RunConfig, out: Path) -> Splits:
                          "data.validation_percent")
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != config.to_dict():
+    trained = [name for name in ("fedpt", "direct", "fedpt-distill", "central", "tasks") if (out / name).exists()]
+    if saved.is_file() and json.loads(saved.read_text()) != config.to_dict() and trained:
         raise FedptError(f"{out} holds an experiment with another config; pick another --out or delete it")
+    # a config.json with nothing trained after it (a setup that failed) is replaced by the corrected one
     write_atomic(saved, json.dumps(config.to_dict(), indent=2))
     return data
 

@@ -83,12 +83,26 @@ class RunFolder:
         return self.last_intact_round()
 
     def claim(self, config: RunConfig, start: int) -> None:
-        """Write the config, and cut metrics.jsonl back to round `start` (after everything is validated)."""
+        """Write the config, and cut metrics.jsonl back to round `start` (after everything is validated); a row
+        of a kept round that a crash tore away is restored from the copy its round.json holds."""
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomic(self.out / CONFIG, json.dumps(config.to_dict(), indent=2, sort_keys=True))
         if (self.out / METRICS).is_file():
-            rows = [r for r in read_metrics(self.out, drop_torn_tail=True) if r["round"] <= start]
-            write_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+            rows = {r["round"]: r for r in read_metrics(self.out, drop_torn_tail=True) if r["round"] <= start}
+            for server_round in range(1, start + 1):
+                if server_round not in rows:
+                    kept = self._recorded_row(server_round)
+                    if kept is not None:
+                        rows[server_round] = kept
+                        self.note = (self.note + "; " if self.note else "") + \
+                            f"round {server_round}'s metrics row was torn: restored from its {DONE}"
+            write_atomic(self.out / METRICS, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
+
+    def _recorded_row(self, server_round: int) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.round_dir(server_round) / DONE).read_text()).get("metrics")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def last_intact_round(self) -> int:
         done = sorted((int(p.name.split("-")[1]) for p in self.out.glob("round-*") if (p / DONE).is_file()),
@@ -144,9 +158,11 @@ class RunFolder:
         temporary.rename(folder)
         sync_folder(self.out)
 
-    def mark_done(self, server_round: int) -> None:
+    def mark_done(self, server_round: int, row: dict[str, Any] | None = None) -> None:
+        """round.json, written last: the checksums of the round's files and a copy of its metrics row."""
         folder = self.round_dir(server_round)
-        write_atomic(folder / DONE, json.dumps({"round": server_round, "sha256": checksums(folder, skip=(DONE,))}))
+        write_atomic(folder / DONE, json.dumps({"round": server_round, "sha256": checksums(folder, skip=(DONE,)),
+                                                **({"metrics": row} if row is not None else {})}))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """One line more, in O(1): a line torn by a crash can only be the last, and a resume's `claim` rewrites

@@ -82,6 +82,9 @@ class Federation:
         strategy = build_strategy(fed)
         self.after_round = self.after_round or make_distiller(config)
         if start:
+            from fedpt.models.base_record import check_base
+
+            check_base(self.folder.round_dir(start), config.model.small)  # another small model: refused
             state, saved_strategy = self.folder.load_round(start)
             self._check_saved(state, trainable_state(model), start)
             set_trainable_state(model, state)
@@ -125,8 +128,9 @@ class Federation:
                 row = self._round(server_round, trainee, strategy, collector, nodes, progress)
                 self.folder.save_round(server_round, trainee.model, trainee.tokenizer, trainee.state,
                                        strategy_state(strategy), base=self.config.model.small)
-                self._record({**row, "global": score()})
-                self.folder.mark_done(server_round)
+                row = {**row, "global": score()}
+                self._record(row)
+                self.folder.mark_done(server_round, row)
                 progress.advance(rounds)
         self._check_trained()
         last = max([r["round"] for r in read_metrics(self.folder.out)])

@@ -74,3 +74,22 @@ def test_experiment_on_a_real_task_reports_pass_at_1_and_its_gap_with_intervals(
         assert (tmp_path / "exp" / "tasks" / "gsm" / name / "samples.jsonl").is_file()
     assert set(results["gap_closed_task"]["gsm"]) >= {"fedpt_proxy", "fedpt_best", "small_fedpt"}
     assert "## gsm: greedy pass@1" in (tmp_path / "exp" / "report.md").read_text()
+
+
+def test_a_typo_in_a_model_name_fails_before_anything_is_written_and_never_blocks_the_fix(tiny_run, qa_file,
+                                                                                          tmp_path):
+    from fedpt import config as cfg
+    from fedpt.errors import FedptError
+    from fedpt.experiment.run import setup
+
+    run = experiment_config(tiny_run, qa_file, tmp_path)
+    typo = cfg.replace(run, model={"small": str(tmp_path / "no-such-model")})
+    with pytest.raises(FedptError, match="no-such-model"):
+        setup(typo, tmp_path / "exp")
+    assert not (tmp_path / "exp" / "config.json").exists()  # before: written, and the corrected rerun refused
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "config.json").write_text('{"an": "older setup that failed"}')
+    setup(run, tmp_path / "exp")  # nothing trained after that config: the corrected one replaces it
+    (tmp_path / "exp" / "fedpt").mkdir()
+    with pytest.raises(FedptError, match="another config"):
+        setup(cfg.replace(run, seed=7), tmp_path / "exp")

@@ -31,9 +31,10 @@ class Saved:
 def save(folder, server_round, done=True):
     folder.save_round(server_round, Saved("model"), Saved("tokenizer"), {"w": np.full(2, server_round, np.float32)},
                       {"m_t/w": np.zeros(2)})
-    folder.append_metrics({"round": server_round, "global": {"nll": 1.0 / server_round}})
+    row = {"round": server_round, "global": {"nll": 1.0 / server_round}}
+    folder.append_metrics(row)
     if done:
-        folder.mark_done(server_round)
+        folder.mark_done(server_round, row)
 
 
 def test_a_run_resumes_after_its_last_completed_round(tmp_path):
@@ -98,6 +99,19 @@ def test_a_torn_metrics_line_is_repaired_by_resume_and_named_otherwise(tmp_path)
         read_metrics(tmp_path)
     assert begin(RunFolder(tmp_path), run, resume=True) == 3
     assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_a_torn_row_of_a_completed_round_is_restored_not_lost(tmp_path):
+    """The crash tore round 3's own row after round-3/ was marked done: before, the resume dropped the row, trained
+    nothing and wrote final/ from round 2."""
+    run = three_rounds(tmp_path)
+    text = (tmp_path / METRICS).read_text()
+    (tmp_path / METRICS).write_text(text[: text.rindex('{"round": 3') + 12])
+    folder = RunFolder(tmp_path)
+    assert begin(folder, run, resume=True) == 3
+    rows = read_metrics(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[3]["global"]["nll"] == pytest.approx(1 / 3)
+    assert "round 3's metrics row was torn: restored" in folder.note
 
 
 def test_files_fedpt_did_not_create_are_left_alone(tmp_path):

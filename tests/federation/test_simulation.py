@@ -162,3 +162,16 @@ def test_a_run_that_cannot_start_writes_nothing(tiny_run, tmp_path):
     with pytest.raises(FedptError, match="typo.jsonl"):
         simulate(run)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_resume_refuses_another_small_model_of_the_same_shapes(twin, tiny_run, tmp_path):
+    from fedpt import config as cfg
+
+    extra = {"federation": {"clients": 2, "rounds": 1, "eval_examples": 4, "client_cpus": 1, "partition": "iid"}}
+    simulate(tiny_run(tmp_path / "run", **extra))
+    swapped = cfg.replace(tiny_run(tmp_path / "run", **extra), model={"small": str(twin)},
+                          federation={"rounds": 2})
+    # before: accepted; config.json rewritten and metrics.jsonl mixing two models
+    with pytest.raises(FedptError, match="was trained on .*whose weights differ"):
+        simulate(swapped, resume=True)
+    assert [r["round"] for r in read_metrics(tmp_path / "run")] == [0, 1]

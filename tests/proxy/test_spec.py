@@ -12,10 +12,7 @@ from fedpt.proxy.pair import load_expert
 from fedpt.proxy.spec import ModelSpec
 
 
-def test_an_adapter_is_refused_on_another_base_of_the_same_shapes_unless_forced(tiny, tiny_adapter, tmp_path):
-    from conftest import make_model
-
-    twin = make_model(tmp_path / "twin", tiny["small"], layers=2, hidden=32, seed=9)  # same shapes, other weights
+def test_an_adapter_is_refused_on_another_base_of_the_same_shapes_unless_forced(tiny, twin, tiny_adapter, tmp_path):
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     record_base(adapter, tiny["small"])
     assert fingerprint(twin) != fingerprint(tiny["small"]) == fingerprint(tiny["small"])
