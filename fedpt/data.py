@@ -48,12 +48,15 @@ def load_examples(config: DataConfig) -> list[Example]:
         path = Path(source).expanduser()
         if not path.is_file():
             raise FedptError(f"data file {path} does not exist (give 'chatterbot', a .jsonl or .csv file, or hf:NAME)")
-        if path.suffix == ".jsonl":
-            examples = load_jsonl(path, config)
-        elif path.suffix == ".csv":
-            examples = load_csv(path, config)
-        else:
-            raise FedptError(f"data file {path}: unknown format '{path.suffix}'; use .jsonl or .csv")
+        try:
+            if path.suffix == ".jsonl":
+                examples = load_jsonl(path, config)
+            elif path.suffix == ".csv":
+                examples = load_csv(path, config)
+            else:
+                raise FedptError(f"data file {path}: unknown format '{path.suffix}'; use .jsonl or .csv")
+        except UnicodeDecodeError as e:
+            raise FedptError(f"data file {path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
     if not examples:
         raise FedptError(f"data source '{source}' has no examples")
     return examples

@@ -79,3 +79,29 @@ def test_clients_receive_only_the_sections_they_use():
     assert not any(k.startswith(("experiment.", "distill.")) for k in sent)
     received = cfg.from_flat(sent)
     assert all(getattr(received, name) == getattr(run, name) for name in (*cfg.CLIENT_SECTIONS, "seed"))
+
+
+@pytest.mark.parametrize("section, values, words", [
+    ("federation", {"timeout": 0.0}, "federation.timeout"), ("federation", {"timeout": float("nan")}, "timeout"),
+    ("federation", {"timeout": -1.0}, "timeout"), ("federation", {"eval_examples": -100}, "eval_examples"),
+    ("federation", {"client_cpus": 0}, "client_cpus"), ("federation", {"fraction": 0.01}, "rounds to no client"),
+    ("tuning", {"lora_dropout": 1.5}, "lora_dropout"), ("tuning", {"learning_rate": float("nan")}, "learning_rate"),
+    ("data", {"test_percent": 0}, "test_percent"), ("data", {"test_percent": -5}, "test_percent"),
+    ("data", {"test_percent": 100}, "test_percent"),
+])
+def test_settings_outside_their_domain_are_one_line_errors_before_anything_runs(section, values, words):
+    from fedpt import config as cfg
+    from fedpt.errors import FedptError
+
+    with pytest.raises(FedptError, match=words) as error:  # before: accepted, or a traceback after Ray started
+        cfg.replace(cfg.load(None, []), **{section: values})
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, True])
+def test_a_seed_must_be_a_whole_number_in_range(seed):
+    from fedpt import config as cfg
+    from fedpt.errors import FedptError
+
+    with pytest.raises(FedptError, match="seed must be a whole number"):
+        cfg.replace(cfg.load(None, []), seed=seed)

@@ -51,6 +51,13 @@ class FederationConfig:
             raise FedptError("federation.clients and federation.rounds must be at least 1")
         if not 0 < self.fraction <= 1:
             raise FedptError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if round(self.fraction * self.clients) < 1:
+            raise FedptError(f"federation.fraction {self.fraction:g} of {self.clients} clients rounds to no client")
+        if not 0 < self.timeout < math.inf:
+            raise FedptError(f"federation.timeout must be a finite number of seconds > 0, got {self.timeout}")
+        if self.eval_examples < 0 or self.client_cpus < 1:
+            raise FedptError(f"federation.eval_examples must be >= 0 (0: all) and client_cpus >= 1, got "
+                             f"{self.eval_examples} and {self.client_cpus}")
         if (self.strategy == "fedprox") != (self.proximal_mu > 0):
             raise FedptError("federation.proximal_mu > 0 goes with strategy = 'fedprox', and only with it")
         if not 1 <= self.min_clients <= self.clients_per_round():

@@ -9,6 +9,7 @@ lists written as comma-separated text. Each section checks its own values and sa
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,13 @@ class DataConfig:
     test_percent: int = 10
     validation_percent: int = 10
 
+    def __post_init__(self) -> None:
+        if not (1 <= self.test_percent and 0 <= self.validation_percent
+                and self.test_percent + self.validation_percent < 100):
+            raise FedptError(f"data.test_percent must be >= 1 (the held-out loss needs pairs), validation_percent >= "
+                             f"0, and together under 100 (training needs the rest), got {self.test_percent} and "
+                             f"{self.validation_percent}")
+
 
 @dataclass
 class TuneConfig:
@@ -108,8 +116,10 @@ class TuneConfig:
                 raise FedptError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.local_steps < 1 and self.local_epochs <= 0:
             raise FedptError("set local_steps >= 1 or local_epochs > 0")
-        if self.learning_rate <= 0:
-            raise FedptError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate < math.inf:
+            raise FedptError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not 0 <= self.lora_dropout < 1:
+            raise FedptError(f"tuning.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.dtype not in DTYPE_NAMES:
             raise FedptError(f"unknown tuning.dtype '{self.dtype}'; choose one of: {', '.join(DTYPE_NAMES)}")
         self.target_modules = list(self.target_modules)
@@ -191,6 +201,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         privacy, fed = self.privacy, self.federation
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise FedptError(f"seed must be a whole number in [0, 2^32), got {self.seed!r}")
         if privacy.dp != "off" and fed.strategy not in ("fedavg", "fedprox"):
             raise FedptError(f"differential privacy needs federation.strategy 'fedavg' or 'fedprox', not "
                              f"'{fed.strategy}': its noise is calibrated to a mean of clipped updates")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpt.config import RunConfig
+from fedpt.errors import FedptError
 from fedpt.federation.server_app import make_server_app
 from fedpt.runtime import setup_process
 from fedpt.tuning.distill import AfterRound
@@ -39,6 +40,22 @@ def guard_ray() -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
+def check_before_ray(config: RunConfig, resume: bool) -> None:
+    """What can fail without Ray fails before it starts (seconds, not minutes), in one line: the output folder
+    and the data (every key was checked when the config was read)."""
+    from fedpt.data import load_splits
+    from fedpt.federation.run_folder import RunFolder
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise FedptError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise FedptError(f"--out {out}: {existing} is not writable")
+    RunFolder(out).check(resume)  # an existing run without --resume, or nothing to resume
+    load_splits(config.data)
+
+
 def client_gpus(config: RunConfig) -> float:
     """GPUs each simulated client holds: federation.client_gpus where clients train on CUDA (Ray then gives each
     worker its share of a GPU, as FlowerTune does), none on CPU, so one config runs on both."""
@@ -52,6 +69,7 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
     """Train `config` with federation.clients simulated SuperNodes; return the folder of the final model."""
     setup_process()
     quiet_flower()
+    check_before_ray(config, resume)
     guard_ray()
     from flwr.simulation import run_simulation
 

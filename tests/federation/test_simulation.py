@@ -175,3 +175,18 @@ def test_a_resume_refuses_another_small_model_of_the_same_shapes(twin, tiny_run,
     with pytest.raises(FedptError, match="was trained on .*whose weights differ"):
         simulate(swapped, resume=True)
     assert [r["round"] for r in read_metrics(tmp_path / "run")] == [0, 1]
+
+
+def test_the_output_folder_and_the_data_fail_before_ray_starts(tiny_run, tmp_path):
+    import time
+
+    (tmp_path / "a-file").write_text("x")
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    cases = [(tiny_run(tmp_path / "a-file"), "is a file, not a folder"),
+             (tiny_run(tmp_path / "run", data={"source": str(binary)}), "is not UTF-8 text")]
+    for run, words in cases:
+        started = time.perf_counter()
+        with pytest.raises(FedptError, match=words):
+            simulate(run)
+        assert time.perf_counter() - started < 10  # before: 26-142 s later, after Ray had started, a traceback
