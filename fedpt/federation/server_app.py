@@ -40,6 +40,7 @@ from fedpt.runtime import setup_process
 from fedpt.tuning.distill import AfterRound, make_distiller
 
 log = logging.getLogger("fedpt.federation")
+DESCRIBE_TIMEOUT = 300.0  # seconds nodes get to start and describe themselves (at least federation.timeout)
 
 
 class Trainee:
@@ -214,7 +215,12 @@ class Federation:
         messages = [Message(record, dst_node_id=node, message_type=MessageType.QUERY)
                     for node in self.grid.get_node_ids()]
         nodes: dict[int, tuple[int, int]] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=fed.timeout):
+        # nodes start (and load their data) before they can answer: a round's deadline is too short for that
+        replies = list(self.grid.send_and_receive(messages, timeout=max(fed.timeout, DESCRIBE_TIMEOUT)))
+        if len(replies) < len(messages):
+            self.notes.append(f"{len(messages) - len(replies)} of {len(messages)} nodes did not describe themselves "
+                              f"within {max(fed.timeout, DESCRIBE_TIMEOUT):g} s")
+        for reply in replies:
             if reply.has_error():
                 log.warning("a client could not start:\n%s", reply.error.reason)
                 raise FedptError(f"a client could not start: {client_error(reply.error.reason)}")
@@ -255,9 +261,10 @@ def describe_problem(pid: Any, examples: Any, clients: int, nodes: dict[int, tup
 
 
 def make_server_app(config: RunConfig | None = None, resume: bool = False,
-                    after_round: AfterRound | None = None) -> ServerApp:
+                    after_round: AfterRound | None = None, finished: Callable[[], None] | None = None) -> ServerApp:
     """A ServerApp for `config`, or for Flower's run config (deployment engine) when config is None; there the
-    extra key `resume = true` continues the run already in `out`."""
+    extra key `resume = true` continues the run already in `out`. `finished` is called when the run ends, however
+    it ends."""
     app = ServerApp()
 
     @app.main()
@@ -265,7 +272,11 @@ def make_server_app(config: RunConfig | None = None, resume: bool = False,
         setup_process()
         flat = dict(context.run_config)
         again = bool(flat.pop("resume", False)) or resume
-        Federation(config or from_flat(flat), grid, again, after_round).run()
+        try:
+            Federation(config or from_flat(flat), grid, again, after_round).run()
+        finally:
+            if finished is not None:
+                finished()
 
     return app
 

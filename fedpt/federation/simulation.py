@@ -6,6 +6,8 @@ import logging
 import os
 import secrets
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +80,56 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
 
     cpus = min(config.federation.client_cpus, os.cpu_count() or 1)  # more than the machine has never schedules
     gpus = client_gpus(config)
-    run_simulation(
-        server_app=make_server_app(config, resume=resume, after_round=after_round),
-        client_app=client_app,
-        num_supernodes=config.federation.clients,
-        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": gpus},
-                        "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
-    )
-    return Path(config.out) / "final"
+    running, stopped = threading.Event(), threading.Event()
+    running.set()
+    started = time.time()
+
+    def stop_stragglers() -> None:
+        """Flower's simulation waits for every client call it started before it stops Ray: a client that never
+        answers would keep the run alive for ever after final/ (seen: until killed). Give them a grace period,
+        then end the client processes (this process's Ray actors), which ends their calls."""
+        def later() -> None:
+            if running.wait(0) and not _ended(running, SHUTDOWN_GRACE_S):
+                import psutil
+
+                logging.getLogger("fedpt.federation").warning(
+                    "a client was still busy %.0f s after the run ended: ending it", SHUTDOWN_GRACE_S)
+                stopped.set()
+                for child in psutil.Process().children(recursive=True):
+                    try:
+                        if child.name().startswith("ray::ClientAppActor"):
+                            child.kill()
+                    except psutil.Error:
+                        pass
+
+        threading.Thread(target=later, name="fedpt-stop-stragglers", daemon=True).start()
+
+    final = Path(config.out) / "final"
+    try:
+        run_simulation(
+            server_app=make_server_app(config, resume=resume, after_round=after_round, finished=stop_stragglers),
+            client_app=client_app,
+            num_supernodes=config.federation.clients,
+            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+                            "init_args": {"logging_level": "ERROR", "log_to_driver": False}},
+        )
+    except RuntimeError:  # Flower's complaint about the calls Ray's stop ended, after a run that did end
+        mark = final / ".fedpt-final"
+        if not (stopped.is_set() and mark.is_file() and mark.stat().st_mtime >= started):
+            raise
+    finally:
+        running.clear()
+    return final
+
+
+SHUTDOWN_GRACE_S = 10.0  # seconds the clients still running get after the server finished
+
+
+def _ended(running: threading.Event, seconds: float) -> bool:
+    """Whether the simulation ended (running cleared) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not running.is_set():
+            return True
+        time.sleep(0.2)
+    return not running.is_set()
