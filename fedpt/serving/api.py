@@ -24,15 +24,18 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from fedpt.decoding import Engine, QueueFull, Report, Request, Sampling, TokenInfo
+from fedpt.decoding import Engine, QueueFull, Report, Request, Sampling
 from fedpt.errors import FedptError
 from fedpt.serving.protocol import (
+    HANDLERS,
     MAX_STOP_CHARS,
     APIError,
     ChatRequest,
     CompletionRequest,
     Limits,
     RequestBase,
+    chat_logprobs,
+    completion_logprobs,
     finish_reason,
     message_text,
     parse,
@@ -63,8 +66,7 @@ class API:
                   Route("/detokenize", self.detokenize, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/chat/completions", self.chat, methods=["POST"])]
-        app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed,
-                                                           APIError: _api_error, Exception: _internal})
+        app = Starlette(routes=routes, exception_handlers=HANDLERS)
         return app
 
     async def health(self, request: HTTPRequest) -> Response:
@@ -75,8 +77,7 @@ class API:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fedpt"}]})
 
-    async def model(self, request: HTTPRequest) -> Response:
-        """openai's `models.retrieve`."""
+    async def model(self, request: HTTPRequest) -> Response:  # openai's `models.retrieve`
         self._authorize(request)
         self._check_model(request.path_params["model"])
         return JSONResponse({"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fedpt"})
@@ -86,8 +87,7 @@ class API:
         self._authorize(request)
         body = await self._json(request)
         self._check_model(body.get("model"))
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
+        if not isinstance(prompt := body.get("prompt"), str):
             raise APIError(400, "'prompt' must be a string", param="prompt")
         tokens = self.tokenizer(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.max_length})
@@ -98,7 +98,7 @@ class API:
         body = await self._json(request)
         self._check_model(body.get("model"))
         tokens, vocab = body.get("tokens"), self.engine.lm.vocab_size
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
             raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
         return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
 
@@ -116,7 +116,8 @@ class API:
         if body.stream:
             return self._stream(request, prompts, sampling, lambda i, r: {
                 **head, "choices": [{"index": i, "text": r.text, "finish_reason": finish_reason(r),
-                                     "logprobs": self._completion_logprobs(body, r.tokens) if r.tokens else None}]},
+                                     "logprobs": completion_logprobs(self.tokenizer, body, r.tokens)
+                                     if r.tokens else None}]},
                 head, body)
         results = await self._run(request, prompts, sampling)
         choices = []
@@ -126,7 +127,7 @@ class API:
             if body.logprobs is not None:
                 scored = [t for r in reports for t in r.tokens]
                 prompt_infos = next((r.prompt for r in reports if r.prompt is not None), None) if body.echo else None
-                logprobs = self._completion_logprobs(body, scored, prompt, prompt_infos)
+                logprobs = completion_logprobs(self.tokenizer, body, scored, prompt, prompt_infos)
             if body.echo:
                 text = self.tokenizer.decode(prompt) + text
             choices.append({"index": i, "text": text, "logprobs": logprobs,
@@ -152,12 +153,13 @@ class API:
                                            "logprobs": None, "finish_reason": None}]}
             return self._stream(request, [prompt], sampling, lambda i, r: {
                 **chunk, "choices": [{"index": 0, "delta": {"content": r.text} if r.text else {},
-                                      "logprobs": self._chat_logprobs(body, r.tokens) if body.logprobs else None,
+                                      "logprobs": chat_logprobs(self.tokenizer, body, r.tokens)
+                                      if body.logprobs else None,
                                       "finish_reason": finish_reason(r)}]}, chunk, body, first=first)
         [reports] = await self._run(request, [prompt], sampling)
         tokens = [t for r in reports for t in r.tokens]
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(r.text for r in reports)},
-                  "logprobs": self._chat_logprobs(body, tokens) if body.logprobs else None,
+                  "logprobs": chat_logprobs(self.tokenizer, body, tokens) if body.logprobs else None,
                   "finish_reason": finish_reason(reports[-1])}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice],
                              "usage": usage([prompt], [reports])})
@@ -326,50 +328,3 @@ class API:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-
-    # ---- log-probs in OpenAI's two formats ----
-
-    def _piece(self, body: RequestBase, token: int) -> str:
-        return f"token_id:{token}" if body.return_tokens_as_token_ids else self.tokenizer.decode([token])
-
-    def _completion_logprobs(self, body: RequestBase, tokens: list[TokenInfo], prompt: list[int] | None = None,
-                             prompt_infos: list[TokenInfo | None] | None = None) -> dict:
-        pieces, lps, tops = [], [], []
-        if prompt is not None and prompt_infos is not None:
-            for token, info in zip(prompt, prompt_infos):
-                pieces.append(self._piece(body, token))
-                lps.append(None if info is None else info.logprob)
-                tops.append(None if info is None else {self._piece(body, t): lp for t, lp in info.top})
-        for info in tokens:
-            pieces.append(self._piece(body, info.id))
-            lps.append(info.logprob)
-            tops.append({self._piece(body, t): lp for t, lp in info.top})
-        offsets, at = [], 0
-        for piece in pieces:
-            offsets.append(at)
-            at += len(piece)
-        return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-    def _chat_logprobs(self, body: RequestBase, tokens: list[TokenInfo]) -> dict:
-        def entry(token: int, lp: float) -> dict:
-            piece = self._piece(body, token)
-            return {"token": piece, "logprob": lp, "bytes": list(self.tokenizer.decode([token]).encode("utf-8"))}
-        return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                            for t in tokens]}
-
-
-async def _api_error(request: HTTPRequest, exc: Exception) -> Response:
-    return exc.response()  # type: ignore[attr-defined]
-
-
-async def _not_found(request: HTTPRequest, exc: Exception) -> Response:
-    return APIError(404, f"no route {request.url.path}", code="not_found").response()
-
-
-async def _not_allowed(request: HTTPRequest, exc: Exception) -> Response:
-    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
-
-
-async def _internal(request: HTTPRequest, exc: Exception) -> Response:
-    log.exception("internal error on %s", request.url.path)
-    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()

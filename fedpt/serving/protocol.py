@@ -1,18 +1,20 @@
 """The OpenAI protocol as fedpt's server speaks it: request types as pydantic models (the fields fedpt honours;
 unknown fields are ignored, known ones are checked), the error object, the server's limits, and the pieces of
-responses (usage, finish reasons, server-sent events).
+responses (usage, finish reasons, log-probs, server-sent events), and the error handlers.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from starlette.responses import JSONResponse
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
 
-from fedpt.decoding import Report
+from fedpt.decoding import Report, TokenInfo
 from fedpt.errors import FedptError
 
 
@@ -146,3 +148,60 @@ def usage(prompts: list[list[int]], results: list[list[Report]]) -> dict[str, in
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# ---- log-probs in OpenAI's two formats ----
+
+def _piece(tokenizer: Any, body: RequestBase, token: int) -> str:
+    return f"token_id:{token}" if body.return_tokens_as_token_ids else tokenizer.decode([token])
+
+
+def completion_logprobs(tokenizer: Any, body: RequestBase, tokens: list[TokenInfo], prompt: list[int] | None = None,
+                        prompt_infos: list[TokenInfo | None] | None = None) -> dict:
+    """/v1/completions' `logprobs`: the echoed prompt's tokens (the first without a log-prob), then the answer's."""
+    pieces, lps, tops = [], [], []
+    if prompt is not None and prompt_infos is not None:
+        for token, info in zip(prompt, prompt_infos):
+            pieces.append(_piece(tokenizer, body, token))
+            lps.append(None if info is None else info.logprob)
+            tops.append(None if info is None else {_piece(tokenizer, body, t): lp for t, lp in info.top})
+    for info in tokens:
+        pieces.append(_piece(tokenizer, body, info.id))
+        lps.append(info.logprob)
+        tops.append({_piece(tokenizer, body, t): lp for t, lp in info.top})
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, body: RequestBase, tokens: list[TokenInfo]) -> dict:
+    """/v1/chat/completions' `logprobs`: one entry per answer token, with its bytes and its top alternatives."""
+    def entry(token: int, lp: float) -> dict:
+        piece = _piece(tokenizer, body, token)
+        return {"token": piece, "logprob": lp, "bytes": list(tokenizer.decode([token]).encode("utf-8"))}
+    return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                        for t in tokens]}
+
+
+# ---- errors as OpenAI error objects: the server answers every failure, and never dies of one ----
+
+async def _api_error(request: HTTPRequest, exc: Exception) -> Response:
+    return exc.response()  # type: ignore[attr-defined]
+
+
+async def _not_found(request: HTTPRequest, exc: Exception) -> Response:
+    return APIError(404, f"no route {request.url.path}", code="not_found").response()
+
+
+async def _not_allowed(request: HTTPRequest, exc: Exception) -> Response:
+    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
+
+
+async def _internal(request: HTTPRequest, exc: Exception) -> Response:
+    logging.getLogger("fedpt.serve").exception("internal error on %s", request.url.path)
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+
+HANDLERS = {404: _not_found, 405: _not_allowed, APIError: _api_error, Exception: _internal}
