@@ -131,6 +131,41 @@ class RunFolder:
             return None
         return damage(folder, done["sha256"])
 
+    def _describe(self, folder: Path, server_round: int) -> None:
+        """final/ as a model card: README.md says what the model is and how it was trained (peft leaves an empty
+        template), and the adapter names its base as the run did (a name, not this machine's cache path)."""
+        try:
+            config = json.loads((self.out / CONFIG).read_text())
+            rows = read_metrics(self.out)
+        except (OSError, ValueError, FedptError):
+            return  # nothing recorded to describe (a folder written by hand)
+        model, fed, tuning = config.get("model", {}), config.get("federation", {}), config.get("tuning", {})
+        adapter = folder / "adapter_config.json"
+        if adapter.is_file():
+            settings = json.loads(adapter.read_text())
+            settings["base_model_name_or_path"] = model.get("small")
+            adapter.write_text(json.dumps(settings, indent=2))
+        nll = [f"round {r['round']}: {r['global']['nll']:.4f}" for r in rows if isinstance(r.get("global"), dict)]
+        (folder / "README.md").write_text(f"""---
+base_model: {model.get('small')}
+library_name: peft
+tags: [fedpt, federated-learning, proxy-tuning, lora]
+---
+
+# {model.get('small')}, tuned by federation (fedpt)
+
+The small model of a FedPT run: {fed.get('clients')} clients, {fed.get('strategy')}, {server_round} rounds of
+{tuning.get('local_steps')} local steps ({tuning.get('mode')}, r={tuning.get('lora_r')} on
+{', '.join(tuning.get('target_modules', []))}), data `{config.get('data', {}).get('source')}`,
+seed {config.get('seed')}. It steers the large model `{model.get('large')}` by proxy-tuning:
+
+    fedpt generate --large {model.get('large')} --small {model.get('small')} --adapter THIS_FOLDER --alpha 1 \\
+        --prompt "..."
+
+Held-out NLL per answer token of the global model: {'; '.join(nll)}.
+Everything else about the run is in `../config.json` and `../metrics.jsonl`.
+""")
+
     def round_dir(self, server_round: int) -> Path:
         return self.out / f"round-{server_round}"
 
@@ -180,6 +215,7 @@ class RunFolder:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.copytree(self.round_dir(server_round), temporary,
                         ignore=shutil.ignore_patterns(STATE, SERVER_STATE, DONE))
+        self._describe(temporary, server_round)
         (temporary / FINAL_MARK).write_text(json.dumps({"round": server_round}))
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)

@@ -53,7 +53,7 @@ def test_a_run_resumes_after_its_last_completed_round(tmp_path):
     np.testing.assert_array_equal(state["w"], [1, 1])
     np.testing.assert_array_equal(strategy["m_t/w"], [0, 0])
     final = again.write_final(1)
-    assert sorted(p.name for p in final.iterdir()) == [".fedpt-final", "model.json", "tokenizer.json"]
+    assert sorted(p.name for p in final.iterdir()) == [".fedpt-final", "README.md", "model.json", "tokenizer.json"]
     assert {STATE, SERVER_STATE, DONE} <= {p.name for p in (tmp_path / "round-1").iterdir()}
     assert json.loads((tmp_path / "config.json").read_text()) == run.to_dict()
 
@@ -131,3 +131,17 @@ def test_files_fedpt_did_not_create_are_left_alone(tmp_path):
     (tmp_path / "final" / ".fedpt-final").unlink()  # a final/ fedpt cannot prove it wrote: not replaced
     with pytest.raises(FedptError, match="was not written by fedpt"):
         folder.write_final(1)
+
+
+def test_final_is_a_model_card_that_names_its_base_as_the_run_did(tmp_path):
+    run = cfg.load(None, [], out=str(tmp_path))
+    folder = RunFolder(tmp_path)
+    begin(folder, run, resume=False)
+    folder.append_metrics({"round": 0, "global": {"nll": 2.0}})
+    save(folder, 1)
+    (tmp_path / "round-1" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/home/x/cache"}))
+    final = folder.write_final(1)
+    card = (final / "README.md").read_text()
+    # before: peft's empty template ("More Information Needed") and this machine's cache path
+    assert f"base_model: {run.model.small}" in card and "round 1: 1.0000" in card and run.model.large in card
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == run.model.small
