@@ -184,12 +184,15 @@ def load_hf(name: str, config: DataConfig) -> list[Example]:
 
 def split_of(example: Example, config: DataConfig) -> str:
     """"test", "validation" or "train", fixed by a hash of the prompt (answers to one prompt stay together)."""
-    bucket = int(hashlib.sha256(example.prompt.encode("utf-8")).hexdigest(), 16) % 100
-    if bucket < config.test_percent:
+    return hashed_split(example.prompt, config.test_percent, config.validation_percent)
+
+
+def hashed_split(key: str, test_percent: int, validation_percent: int) -> str:
+    """The split a text belongs to, by a hash of it: the same for every seed, client count and file order."""
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 100
+    if bucket < test_percent:
         return "test"
-    if bucket < config.test_percent + config.validation_percent:
-        return "validation"
-    return "train"
+    return "validation" if bucket < test_percent + validation_percent else "train"
 
 
 def splits(examples: Sequence[Example], config: DataConfig) -> dict[str, list[Example]]:

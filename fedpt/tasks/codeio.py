@@ -64,16 +64,11 @@ def tasks() -> list[Problem]:
     return list(found.values())
 
 
-def split_of(problem: Problem, test_percent: int, validation_percent: int) -> str:
-    """Fixed by a hash of the description, as every fedpt split."""
-    bucket = int(hashlib.sha256(problem.description.encode()).hexdigest(), 16) % 100
-    if bucket < test_percent:
-        return "test"
-    return "validation" if bucket < test_percent + validation_percent else "train"
-
-
 def split(name: str, test_percent: int = 10, validation_percent: int = 10) -> list[Problem]:
-    chosen = [p for p in tasks() if split_of(p, test_percent, validation_percent) == name]
+    """One split's tasks, fixed by a hash of the description, as every fedpt split."""
+    from fedpt.data import hashed_split
+
+    chosen = [p for p in tasks() if hashed_split(p.description, test_percent, validation_percent) == name]
     if name != "train":  # a reference that draws random numbers cannot be compared with
         chosen = [p for p in chosen if not re.search(r"\brandom\b", p.code)]
     return chosen

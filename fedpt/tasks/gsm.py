@@ -65,12 +65,9 @@ def instances(template: int, seen: bool) -> list[Problem]:
 
 def split_of(problem: Problem, test_percent: int, validation_percent: int) -> str:
     """Unseen templates: test. Seen ones: by a hash of the question."""
-    if not problem.seen:
-        return "test"
-    bucket = int(hashlib.sha256(problem.question.encode()).hexdigest(), 16) % 100
-    if bucket < test_percent:
-        return "test"
-    return "validation" if bucket < test_percent + validation_percent else "train"
+    from fedpt.data import hashed_split
+
+    return hashed_split(problem.question, test_percent, validation_percent) if problem.seen else "test"
 
 
 def split(name: str, test_percent: int = 10, validation_percent: int = 10) -> list[Problem]:
