@@ -32,6 +32,7 @@ from fedpt.federation.run_folder import LOG, METRICS, RunFolder, read_metrics
 from fedpt.federation.strategy import (
     build_strategy,
     client_error,
+    finite_number,
     restore_strategy_state,
     sample_clients,
     strategy_state,
@@ -254,8 +255,7 @@ def describe_problem(pid: Any, examples: Any, clients: int, nodes: dict[int, tup
         return f"partition id {pid!r} is not one of 0..{clients - 1}"
     if pid in nodes:
         return f"partition {pid} is already held by node {nodes[pid][0]} (a duplicate claim)"
-    if not isinstance(examples, int | float) or isinstance(examples, bool) or not math.isfinite(examples) \
-            or examples < 1 or examples != int(examples):
+    if not finite_number(examples) or examples < 1 or examples != int(examples):
         return f"its example count {examples!r} is not a whole positive number"
     return None
 
