@@ -9,6 +9,7 @@ fedpt did not train carry no record and are not checked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -20,8 +21,6 @@ RECORD = "fedpt-base.json"
 
 def fingerprint(model: str | Path) -> str | None:
     """A hash of the base model's weights (first row of each tensor), or None if they are not safetensors here."""
-    from safetensors import safe_open
-
     from fedpt.models.store import resolve
 
     try:
@@ -31,9 +30,18 @@ def fingerprint(model: str | Path) -> str | None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
+    return _hash(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _hash(files: tuple[tuple[str, int, int], ...]) -> str:
+    """The fingerprint of these files as they are (their times and sizes in the key): a run hashes its base once,
+    not at every round it saves."""
+    from safetensors import safe_open
+
     digest = hashlib.sha256()
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
+    for file, _, _ in files:
+        with safe_open(file, framework="pt") as f:
             for key in sorted(f.keys()):
                 piece = f.get_slice(key)
                 if not piece.get_shape():

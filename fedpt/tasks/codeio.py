@@ -12,6 +12,7 @@ its inputs). Topic (what a Dirichlet partition skews over) is what the reference
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -47,6 +48,11 @@ def topic_of(code: str) -> str:
 
 def tasks() -> list[Problem]:
     """The distinct tasks short enough for this machine, in the file's order."""
+    return list(_tasks())
+
+
+@functools.lru_cache(maxsize=1)
+def _tasks() -> tuple[Problem, ...]:  # read once a process: every split and the data source use it
     from fedpt.data import package_data
 
     path = package_data("reasoning_gym", "data/codeio.jsonl.gz", "the CodeI/O task", INSTALL)
@@ -61,7 +67,7 @@ def tasks() -> list[Problem]:
             found[text] = Problem(f"codeio/{hashlib.sha256(text.encode()).hexdigest()[:8]}", text,
                                   row["input_output_spec"].strip(), row["code_sample"].strip(),
                                   row["input_generator"].strip(), topic_of(row["code_sample"]))
-    return list(found.values())
+    return tuple(found.values())
 
 
 def split(name: str, test_percent: int = 10, validation_percent: int = 10) -> list[Problem]:

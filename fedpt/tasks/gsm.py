@@ -13,6 +13,7 @@ The test split is both: instances of seen templates that nobody trained on, and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -72,9 +73,13 @@ def split_of(problem: Problem, test_percent: int, validation_percent: int) -> st
 
 def split(name: str, test_percent: int = 10, validation_percent: int = 10) -> list[Problem]:
     """One split's problems, in template then seed order."""
+    return [p for p in _everything() if split_of(p, test_percent, validation_percent) == name]
+
+
+@functools.lru_cache(maxsize=1)
+def _everything() -> tuple[Problem, ...]:  # generated once a process: every split and the data source use it
     seen, unseen = templates()
-    everything = [p for t in seen for p in instances(t, True)] + [p for t in unseen for p in instances(t, False)]
-    return [p for p in everything if split_of(p, test_percent, validation_percent) == name]
+    return (*(p for t in seen for p in instances(t, True)), *(p for t in unseen for p in instances(t, False)))
 
 
 def problems(limit: int | None = None, test_percent: int = 10, validation_percent: int = 10) -> list[Problem]:
