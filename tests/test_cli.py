@@ -32,6 +32,17 @@ def test_prompts_file_gives_jsonl(cli, tiny, tmp_path, suffix):
     assert [r["prompt"] for r in rows] == prompts and all(isinstance(r["completion"], str) for r in rows)
 
 
+def test_generate_answers_json_under_a_schema_file(cli, tiny, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9,
+                                                                         "minimum": 0}},
+                                  "required": ["n"], "additionalProperties": False}))
+    code, out, err = cli("generate", "--large", tiny["large"], "--prompt", "hello", "--max-new-tokens", 32,
+                         "--json-schema", schema)
+    assert code == 0, err
+    assert json.loads(out)["n"] in range(10)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -47,6 +58,8 @@ def test_prompts_file_gives_jsonl(cli, tiny, tmp_path, suffix):
         (["--prompt", "x", "--small", "S", "--adapter", "A", "--alpha", "nan"], "must be finite numbers"),
         (["--prompt", "x", "--small", "S", "--adapter", "A", "--weight", "2"], "must lie in [0, 1]"),
         (["--prompt", "x", "--experiment", "/no/such/experiment"], "has no results.json"),
+        (["--prompt", "x", "--json-schema", "/no/schema.json"], "JSON schema file /no/schema.json does not exist"),
+        (["--prompt", "x", "--json-schema", '{"type": "nonsense"}'], "JSON schema cannot be enforced"),
     ],
 )
 def test_errors_are_one_line(cli, tiny, args, message):

@@ -116,6 +116,8 @@ def generate(
     stop: Annotated[list[str] | None, option("Decoding", "stop at this text (repeatable)")] = None,
     raw: Annotated[bool, option("Input", "do not apply the chat template", "--raw")] = False,
     batch_size: Annotated[int, option("Decoding", "prompts decoded together")] = 8,
+    json_schema: Annotated[str | None, option("Decoding", "answer JSON valid under this schema: a .json file, or "
+                                                          "the schema itself ('{}': any JSON object)")] = None,
 ) -> None:
     """Continue prompts with the large model, proxy-tuned when --small and --adapter (or --experiment) are given."""
     from rich.progress import Progress
@@ -129,8 +131,12 @@ def generate(
     for option, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if value < 1:
             raise FedptError(f"{option} must be at least 1, got {value}")
+    if json_schema is not None and not json_schema.lstrip().startswith("{"):
+        if not Path(json_schema).is_file():
+            raise FedptError(f"JSON schema file {json_schema} does not exist (or give the schema itself: '{{...}}')")
+        json_schema = Path(json_schema).read_text(encoding="utf-8", errors="replace")
     sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        stop=tuple(stop or ()))
+                        stop=tuple(stop or ()), json_schema=json_schema)
     quiet_transformers()
     lm = spec.open()
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:

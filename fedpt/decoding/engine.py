@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fedpt.data import pad_id
+from fedpt.decoding.constraints import Constraints
 from fedpt.decoding.sampling import GREEDY_BELOW, Sampling, choose
 from fedpt.errors import FedptError, first_line
 from fedpt.models import LanguageModel, pad_left
@@ -65,6 +66,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the generated text already reported
     generator: torch.Generator | None = None
+    constraints: Constraints | None = None  # logit_bias, penalties, a JSON schema (Sampling.constrained)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -187,6 +189,8 @@ class Engine:
         if sampling.temperature >= GREEDY_BELOW:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
             request.generator = torch.Generator().manual_seed(seed)
+        if sampling.constrained:
+            request.constraints = Constraints(sampling, self.lm.tokenizer, self.lm.vocab_size, self.lm.eos_token_ids)
 
     def _score(self, requests: list[Request]) -> list[Request]:
         """Scoring requests (echo), read in passes of at most SCORE_TOKENS padded tokens: each gets every prompt
@@ -248,9 +252,15 @@ class Engine:
     @staticmethod
     def _choose(request: Request, logprobs: Tensor) -> int:
         s = request.sampling
+        if request.constraints is not None:  # bias, penalties and a grammar's mask act on the fused log-probs
+            logprobs = request.constraints.apply(logprobs)
         if s.temperature < GREEDY_BELOW:
-            return int(logprobs.argmax())
-        return int(choose(logprobs[None], s.temperature, s.top_p, request.generator)[0])
+            token = int(logprobs.argmax())
+        else:
+            token = int(choose(logprobs[None], s.temperature, s.top_p, request.generator)[0])
+        if request.constraints is not None:
+            request.constraints.accept(token)
+        return token
 
     def _advance(self, request: Request, token: int, logprobs: Tensor) -> Report:
         """Take one token into a request: its new text (held back while it may still become a stop string)."""

@@ -4,11 +4,12 @@ the rule that picks the next token."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from fedpt.decoding.constraints import check_bias, json_grammar
 from fedpt.errors import FedptError
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's rule)
@@ -24,6 +25,11 @@ class Sampling:
     top_logprobs: int | None = None  # None: no log-probs; n: the chosen token's and the n most likely ones'
     echo_logprobs: bool = False  # also report the prompt's own log-probs (scoring)
     ignore_eos: bool = False  # decode through end tokens up to max_tokens (benchmarks; vLLM's extension)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its log-prob in [-100, 100])
+    presence_penalty: float = 0.0  # subtracted from a generated token's score, once (OpenAI's, in [-2, 2])
+    frequency_penalty: float = 0.0  # ... and this much per time it was generated
+    json_schema: str | None = None  # the answer is JSON valid under this schema (JSON text; "{}": any object)
+    grammar: str | None = field(default=None, init=False, repr=False, compare=False)  # json_schema compiled
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -35,6 +41,20 @@ class Sampling:
         object.__setattr__(self, "stop", tuple(self.stop))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise FedptError("stop strings must not be empty: an empty one would end every answer at once")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in self.logit_bias))
+        check_bias(self.logit_bias)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise FedptError(f"{name} lies in [-2, 2], got {getattr(self, name)}")
+        if self.json_schema is not None:
+            if self.ignore_eos:
+                raise FedptError("ignore_eos cannot go with a json_schema: the answer ends where its JSON does")
+            object.__setattr__(self, "grammar", json_grammar(self.json_schema))
+
+    @property
+    def constrained(self) -> bool:
+        """Whether anything besides temperature and top-p shapes the choice (fedpt/decoding/constraints.py)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.grammar)
 
 
 def choose(logprobs: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:

@@ -28,7 +28,6 @@ from fedpt.decoding import Engine, QueueFull, Report, Request, Sampling
 from fedpt.errors import FedptError
 from fedpt.serving.protocol import (
     HANDLERS,
-    MAX_STOP_CHARS,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -110,7 +109,7 @@ class API:
         max_tokens = self._max_tokens(body.max_tokens if body.max_tokens is not None else 16)
         if body.echo and body.stream:
             raise APIError(400, "echo with stream is not supported", param="echo")
-        sampling = self._sampling(body, max_tokens, body.logprobs, echo=body.echo and body.logprobs is not None)
+        sampling = body.sampling(max_tokens, body.logprobs, echo=body.echo and body.logprobs is not None)
         ids, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ids, "object": "text_completion", "created": created, "model": self.model_name}
         if body.stream:
@@ -145,7 +144,7 @@ class API:
         prompt = self._check_prompt(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         limit = body.max_completion_tokens or body.max_tokens or self.limits.default_chat_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = self._sampling(body, self._max_tokens(limit), top, echo=False)
+        sampling = body.sampling(self._max_tokens(limit), top, echo=False)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if body.stream:
             chunk = {**head, "object": "chat.completion.chunk"}
@@ -204,6 +203,9 @@ class API:
         self._check_model(body.model)
         if body.n != 1:
             raise APIError(400, "only n = 1 is supported", param="n")
+        vocab = self.engine.lm.vocab_size
+        if any(not 0 <= token < vocab for token in body.logit_bias or {}):
+            raise APIError(400, f"logit_bias keys are token ids in [0, {vocab})", param="logit_bias")
 
     def _max_tokens(self, asked: int) -> int:
         if asked > self.limits.max_tokens:
@@ -230,17 +232,6 @@ class API:
             raise APIError(400, f"the prompt has {len(tokens)} tokens: no room left in the model's context of "
                                 f"{context} tokens", code="context_length_exceeded", param="prompt")
         return tokens
-
-    @staticmethod
-    def _sampling(body: RequestBase, max_tokens: int, top_logprobs: int | None, echo: bool) -> Sampling:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must not be empty", param="stop")
-        if any(len(s) > MAX_STOP_CHARS for s in stop):
-            raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
-        return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        stop=tuple(stop), top_logprobs=top_logprobs, echo_logprobs=echo,
-                        ignore_eos=body.ignore_eos)
 
     # ---- running requests ----
 

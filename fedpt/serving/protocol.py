@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
-from fedpt.decoding import Report, TokenInfo
+from fedpt.decoding import Report, Sampling, TokenInfo
 from fedpt.errors import FedptError
 
 
@@ -49,6 +49,38 @@ class APIError(Exception):
 MAX_STOPS = 16  # stop strings a request may give (vLLM takes any number; OpenAI 4)
 MAX_STOP_CHARS = 256
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("answer", max_length=64)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # fedpt always enforces the schema
+
+
+class ResponseFormat(BaseModel):
+    """`text`, `json_object` (any JSON object) or `json_schema` (JSON valid under a schema): enforced by a grammar."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema response format needs its 'json_schema' object (with 'schema')")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the answer must satisfy, as JSON text (None: free text)."""
+        if self.type == "text":
+            return None
+        return json.dumps(self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else {})
+
+
+MAX_BIASED = 300  # tokens one logit_bias may name (OpenAI's limit)
+
+
 class RequestBase(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -62,29 +94,42 @@ class RequestBase(BaseModel):
     stream_options: dict[str, Any] | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's extension: "token_id:N" instead of the token's text
     ignore_eos: bool = False  # vLLM's extension: decode through end tokens up to max_tokens (benchmarks)
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_BIASED)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     # fields that would change the answer and fedpt does not honour: refused (400), never silently ignored
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    logit_bias: dict[str, Any] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> RequestBase:
-        unsupported = {
-            "response_format": self.response_format not in (None, {"type": "text"}),
-            "tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none"),
-            "logit_bias": bool(self.logit_bias), "presence_penalty": self.presence_penalty != 0,
-            "frequency_penalty": self.frequency_penalty != 0, "best_of": self.best_of not in (None, 1),
-            "suffix": bool(self.suffix)}
+        unsupported = {"tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none"),
+                       "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix)}
         named = [name for name, used in unsupported.items() if used]
         if named:
             raise ValueError(f"{named[0]} is not supported by this server (fedpt would ignore it and answer "
                              "otherwise than asked); leave it out")
         return self
+
+    def sampling(self, max_tokens: int, top_logprobs: int | None, echo: bool) -> Sampling:
+        """What the engine needs of this request (vLLM's `to_sampling_params`)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
+        schema = self.response_format.schema_text() if self.response_format else None
+        try:
+            return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                            stop=tuple(stop), top_logprobs=top_logprobs, echo_logprobs=echo,
+                            ignore_eos=self.ignore_eos, logit_bias=tuple((self.logit_bias or {}).items()),
+                            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                            json_schema=schema)
+        except FedptError as e:  # the schema cannot be enforced, or it goes with ignore_eos
+            raise APIError(400, str(e), param="response_format" if schema else None) from None
 
 
 class CompletionRequest(RequestBase):
