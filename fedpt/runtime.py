@@ -76,3 +76,64 @@ def check_free(host: str, port: int) -> None:
             probe.bind(infos[0][4])
     except OSError as e:
         raise FedptError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+MAX_HEADER_BYTES = 64 * 1024  # a request's line and headers, at most
+HEADER_TIMEOUT_S = 10.0  # from a connection's opening (or its previous answer) to its request's last header
+
+
+def bounded_http() -> dict[str, Any]:
+    """uvicorn options for fedpt's listeners (`serve`, `gate`): h11 with a cap on the request head's size (a bigger
+    head is a 400) and a deadline for it (a client that sends headers slowly is cut off), which uvicorn's
+    default httptools protocol has neither of."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11(H11Protocol):
+        _deadline: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._head_too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._deadline is not None and self.cycle is not None and not self.cycle.response_complete:
+                self._deadline.cancel()  # the head is complete: the request's own timeout takes over
+                self._deadline = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._deadline is None and not self.transport.is_closing():  # the next request's head
+                self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._head_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _head_too_slow(self) -> None:
+            self._deadline = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return {"http": BoundedH11, "h11_max_incomplete_event_size": MAX_HEADER_BYTES}
+
+
+def limit_head(app: Any) -> Any:
+    """An ASGI app that answers 431 to a request whose line and headers exceed MAX_HEADER_BYTES (h11's own cap
+    acts only on a head still incomplete, so a big head that arrives in one read would pass it)."""
+
+    async def limited(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4
+                                                                             for k, v in scope["headers"])
+            if size > MAX_HEADER_BYTES:
+                body = b'{"error": {"message": "the request headers exceed %d bytes", "type": ' \
+                       b'"invalid_request_error", "param": null, "code": "headers_too_large"}}' % MAX_HEADER_BYTES
+                await send({"type": "http.response.start", "status": 431,
+                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return limited

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpt.errors import FedptError, first_line
-from fedpt.runtime import LOOPBACK, check_free
+from fedpt.runtime import LOOPBACK, bounded_http, check_free, limit_head
 
 log = logging.getLogger("fedpt.gate")
 
@@ -147,7 +147,6 @@ def run_gate(superlink: str, superlink_ca: Path, cert: Path, key: Path, listener
     """Serve the listeners until SIGINT/SIGTERM; every check happens before anything listens."""
     import uvicorn
 
-
     host, _ = split_address(superlink)
     if host not in LOOPBACK:
         raise FedptError(f"the SuperLink must listen on loopback only, behind the gate; got {superlink}")
@@ -170,10 +169,12 @@ def run_gate(superlink: str, superlink_ca: Path, cert: Path, key: Path, listener
             raise FedptError(f"a listener serves 'fleet' or 'control', not {listener.api!r}")
         lhost, lport = split_address(listener.address)
         check_free(lhost, lport)
-        config = uvicorn.Config(Gate(listener.api, f"https://{superlink}", upstream), host=lhost, port=lport,
+        gate = limit_head(Gate(listener.api, f"https://{superlink}", upstream))
+        config = uvicorn.Config(gate, host=lhost, port=lport,
                                 ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_cert_reqs=ssl.CERT_REQUIRED,
                                 ssl_ca_certs=str(_readable(listener.client_ca, f"{listener.api} client CA")),
-                                log_level="warning", access_log=False, ws="none", timeout_graceful_shutdown=5)
+                                log_level="warning", access_log=False, ws="none", timeout_graceful_shutdown=5,
+                                **bounded_http())
         servers.append(Server(config))
 
     async def main() -> None:

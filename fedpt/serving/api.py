@@ -63,6 +63,7 @@ class API:
                   Route("/v1/models/{model:path}", self.model),
                   Route("/tokenize", self.tokenize, methods=["POST"]),
                   Route("/detokenize", self.detokenize, methods=["POST"]),
+                  Route("/tokenizer_info", self.tokenizer_info),
                   Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/chat/completions", self.chat, methods=["POST"])]
         app = Starlette(routes=routes, exception_handlers=HANDLERS)
@@ -100,6 +101,16 @@ class API:
         if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
             raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
         return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
+
+    async def tokenizer_info(self, request: HTTPRequest) -> Response:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as this server does (lm-eval's remote
+        tokenizer reads it, so that an offline lm-eval needs no copy of the tokenizer)."""
+        self._authorize(request)
+        t = self.tokenizer
+        return JSONResponse({"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token,
+                             "pad_token": t.pad_token, "chat_template": getattr(t, "chat_template", None),
+                             "model_max_length": self.engine.max_length, "vocab_size": self.engine.lm.vocab_size,
+                             "end_token_ids": sorted(self.engine.lm.eos_token_ids)})
 
     async def completions(self, request: HTTPRequest) -> Response:
         self._authorize(request)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from fedpt.decoding import Engine
 from fedpt.errors import FedptError
 from fedpt.models import LanguageModel
-from fedpt.runtime import LOOPBACK, check_free
+from fedpt.runtime import LOOPBACK, bounded_http, check_free, limit_head
 from fedpt.serving.api import API
 from fedpt.serving.protocol import Limits
 
@@ -26,8 +26,8 @@ def _server(lm: LanguageModel, host: str, port: int, *, name: str, limits: Limit
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue,
                     max_length=limits.max_prompt_tokens + limits.max_tokens)
     app = API(engine, name, limits, api_key_env).app()
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, ws="none",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(limit_head(app), host=host, port=port, log_level="warning", access_log=False, ws="none",
+                            timeout_graceful_shutdown=5, **bounded_http())
     return uvicorn.Server(config), engine
 
 

@@ -94,14 +94,14 @@ def _node_key(folder, stem):
                                                                        serialization.PublicFormat.OpenSSH))
 
 
-def _answer(port, folder, cert=None):
+def _answer(port, folder, cert=None, head=b""):
     """The first bytes of the gate's HTTP answer; none when it refused the TLS session."""
     context = ssl.create_default_context(cafile=folder / "ca.crt")
     if cert:
         context.load_cert_chain(folder / f"{cert}.crt", folder / f"{cert}.key")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            tls.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n" + head + b"\r\n")
             try:
                 return tls.recv(64)  # TLS 1.3 settles the client's certificate after the handshake
             except (ssl.SSLError, ConnectionError):
@@ -176,6 +176,9 @@ def test_only_credentials_get_through_the_gate(tiny, tmp_path):
               == 200, "the SuperLink", processes)
         _wait(lambda: _answer(fleet, pki, "device") and _answer(control, pki, "operator"),
               "the gate", processes)
+
+        # A request head over 64 KiB: 431, never read whole nor passed on
+        assert _answer(fleet, pki, "device", head=b"x-big: " + b"a" * 70_000 + b"\r\n").startswith(b"HTTP/1.1 431")
 
         # No client certificate, a stranger's, or a device's on the operator's listener: no TLS session at all
         for port, cert in ((fleet, None), (control, None), (fleet, "stranger"), (control, "stranger"),

@@ -3,6 +3,7 @@ in process, and bad requests get OpenAI-style errors with their status codes."""
 
 import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -205,6 +206,13 @@ def test_routes_clients_call_and_the_models_own_name(served, proxy):
     text = httpx.post(f"{root}/detokenize", json={"tokens": tokens["tokens"]}, headers=auth).json()["prompt"]
     assert text == proxy.tokenizer.decode(tokens["tokens"])
     assert httpx.post(f"{root}/detokenize", json={"tokens": [-1]}, headers=auth).status_code == 400
+    # lm-eval's remote tokenizer: /tokenizer_info, then /tokenize of the eos text gives its id
+    info = httpx.get(f"{root}/tokenizer_info", headers=auth).json()
+    assert info["eos_token"] == proxy.tokenizer.eos_token and info["chat_template"] == proxy.tokenizer.chat_template
+    eos = httpx.post(f"{root}/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False},
+                     headers=auth).json()["tokens"]
+    assert eos == [proxy.tokenizer.eos_token_id] and eos[0] in info["end_token_ids"]
+    assert httpx.get(f"{root}/tokenizer_info").status_code == 401
     # the model may be named by its own name too, not only the served one
     reply = client.completions.create(model=proxy.name, prompt="hello", max_tokens=2)
     assert reply.choices[0].text is not None
@@ -368,3 +376,32 @@ def test_bad_constraints_are_400s_that_name_the_field(served, field, value, word
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert words in error["message"] and error["param"].startswith(field)
+
+
+def test_request_heads_are_bounded_in_size_and_time(served, monkeypatch):
+    from fedpt import runtime
+
+    _, url = served
+    root = url.removesuffix("/v1")
+    monkeypatch.setattr(runtime, "HEADER_TIMEOUT_S", 1.0)
+    # before: a 50 MB header was read whole
+    big = httpx.get(f"{root}/health", headers={"x-big": "a" * (runtime.MAX_HEADER_BYTES + 1)})
+    assert big.status_code == 431 and "exceed" in big.json()["error"]["message"]
+    try:  # 50 MB are never read whole: h11 stops at 64 KiB unparsed, answers 400 and closes
+        huge = httpx.get(f"{root}/health", headers={"x-big": "a" * 50_000_000}).status_code
+    except httpx.HTTPError:  # or the connection breaks while the client still sends
+        huge = None
+    assert huge in (None, 400)
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as slow:  # before: never cut off
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        assert slow.recv(100) == b""  # closed by the server, without an answer
+        assert 0.5 < time.monotonic() - start < 5
+    with socket.create_connection((host, int(port)), timeout=10) as kept:  # a kept-alive connection's next head
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in kept.recv(1000)
+        kept.sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.2)
+        assert kept.recv(100) == b""
+    assert httpx.get(f"{root}/health").json()["status"] == "ok"
