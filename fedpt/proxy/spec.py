@@ -6,6 +6,8 @@ The command line (`generate`, `serve`), the experiment, the demo, distillation's
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +85,39 @@ class ModelSpec:
         return load_tuned(base, folder, dtype=self.dtype, device=self.device,
                           device_map=self.large_device_map if spread else "", force=self.force)
 
-    def open(self) -> LanguageModel:
-        """The large model alone, or proxy-tuned by the small pair with the spec's fusion."""
+    def open(self, say: Callable[[str], None] | None = None) -> LanguageModel:
+        """The large model alone, or proxy-tuned by the small pair with the spec's fusion; `say` (the command
+        line's stderr) is told what loads, from where and how big, and how long it took."""
         from fedpt.proxy.tuned_lm import ProxyTunedLM
 
+        say = say or (lambda message: None)
+        start = time.monotonic()
+        say(f"loading the large model {_described(self.large, self.backend)} ...")
         large = self.open_large()
         if self.small is None:
+            say(f"loaded in {time.monotonic() - start:.0f} s")
             return large
-        return ProxyTunedLM(large, self.open_expert(), fusion=self.fusion or Fusion(alpha=1.0))
+        say(f"loading the small pair {_described(self.small, self.backend)} with {self.adapter} ...")
+        lm = ProxyTunedLM(large, self.open_expert(), fusion=self.fusion or Fusion(alpha=1.0))
+        say(f"loaded in {time.monotonic() - start:.0f} s")
+        return lm
+
+
+def _described(model: str, backend: str) -> str:
+    """`model` as a person reads it: a server, or a local model with its backend and size on disk."""
+    from fedpt.models.loading import gguf_of
+    from fedpt.models.store import REGISTRY, is_prepared, resolve
+
+    if model.startswith(("http://", "https://")):
+        return f"at {model} (a server)"
+    if model in REGISTRY and not is_prepared(model):
+        return f"{model} ({backend}; unpacked from its wheels first)"
+    try:
+        path = Path(gguf_of(model) if backend == "llama.cpp" else resolve(model))
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    except (FedptError, OSError):  # a missing model fails in one line when it is opened, just after
+        return f"{model} ({backend})"
+    return f"{path} ({backend}, {size / 1e9:.1f} GB on disk)"
 
 
 def _llama_cpp_pair(small: str, adapter: str | Path, tokenizer: str | None, force: bool = False) -> ExpertPair:

@@ -82,3 +82,24 @@ def test_bad_generation_settings(tiny):
         generate(large, ["hello"], Sampling(max_tokens=2), max_batch=0)
     with pytest.raises(FedptError, match="prompt 2 is empty"):
         generate(large, ["hello", ""], Sampling(max_tokens=2), chat=False)
+
+
+def test_progress_moves_per_token_and_ends_at_the_whole_budget(tiny):
+    class Progress:  # the part of rich's Progress that generation uses
+        def __init__(self):
+            self.advances, self.total = [], None
+
+        def add_task(self, description, total):
+            self.total = total
+            return 0
+
+        def advance(self, task_id, n):
+            self.advances.append(n)
+
+        def remove_task(self, task_id):
+            pass
+
+    lm, progress = HFCausalLM.load(tiny["large"], dtype="float32"), Progress()
+    generate(lm, ["hello"], Sampling(max_tokens=12, ignore_eos=True), progress=progress)
+    assert progress.total == 12 and sum(progress.advances) == 12
+    assert len(progress.advances) >= 10  # before: one step, when the answer was done
