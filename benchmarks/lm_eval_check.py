@@ -1,11 +1,13 @@
-"""lm-evaluation-harness against `fedpt serve`: its `local-completions` model (echo log-likelihoods over HTTP)
-and its own `hf` model on the same weights give the same per-choice log-likelihoods and the same accuracy, on a
-small multiple-choice task written here (no hub).
+"""lm-evaluation-harness against `fedpt serve` and against its own `hf` model on the same weights, on tasks written
+here (no hub): a multiple-choice task raw and in the chat template (`local-completions`: echo log-likelihoods over
+HTTP; the chat run takes its tokenizer and template from the server's /tokenizer_info, so lm-eval needs no local
+copy), and a raw exact-match generation task whose answers must stop at `<|endoftext|>`, also asked through
+`local-chat-completions`.
 
     pip install 'lm-eval[api,hf]==0.4.*'        # not a fedpt dependency
     python benchmarks/lm_eval_check.py [--model qwen2.5-coder-0.5b-instruct] [--out runs/benchmarks/lm_eval.json]
 
-Target (issue 22): accuracy equal, per-item log-likelihoods within 1e-3 (float32).
+Targets (issues 22, 24): the same accuracy and exact match, per-item log-likelihoods within 1e-3 (float32).
 """
 
 from __future__ import annotations
@@ -51,12 +53,32 @@ doc_to_target: answer
 metric_list:
   - metric: acc
 """
+SUMS = [(2, 3), (7, 8), (12, 30), (9, 9), (41, 17), (6, 70), (15, 15), (88, 11), (3, 4), (25, 50)]
+EXACT = """task: fedpt_exact
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}} Answer with the number only.\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    regexes_to_ignore: [" ", "\\n", '\\.']
+"""
 
 
-def loglikelihoods(result: dict) -> list[list[float]]:
-    """Per item, each choice's log-likelihood, from lm-eval's logged samples."""
-    samples = sorted(result["samples"]["fedpt_check"], key=lambda s: s["doc_id"])
-    return [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+def per_item(result: dict, task: str) -> list:
+    """Per item, lm-eval's filtered answers: each choice's log-likelihood, or the generated text."""
+    samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
+    if task == "fedpt_check":
+        return [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+    return [s["filtered_resps"][0] for s in samples]
 
 
 def main() -> None:
@@ -75,27 +97,50 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     (work / "data.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
                                              for q, c, a in QUESTIONS))
+    (work / "sums.jsonl").write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)})
+                                             + "\n" for a, b in SUMS))
     (work / "fedpt_check.yaml").write_text(TASK.format(data=work / "data.jsonl"))
+    (work / "fedpt_exact.yaml").write_text(EXACT.format(data=work / "sums.jsonl"))
     tasks = TaskManager(include_path=str(work))
-    found, seconds = {}, {}
+    runs = {  # name: (lm-eval model, its arguments, task, chat template)
+        "raw_choice": ("local-completions", f"tokenizer={folder},tokenized_requests=True", "fedpt_check", False),
+        "chat_choice": ("local-completions", "tokenizer_backend=remote,tokenized_requests=True", "fedpt_check", True),
+        "raw_exact": ("local-completions", f"tokenizer={folder},tokenized_requests=False", "fedpt_exact", False),
+        "chat_exact": ("local-chat-completions", "tokenizer_backend=remote,tokenized_requests=False", "fedpt_exact",
+                       True),
+    }
+    found: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
     with running(HFCausalLM.load(folder, dtype="float32"), max_batch=8) as url:
+        for name, (model, model_args, task, chat) in runs.items():
+            route = "chat/completions" if model == "local-chat-completions" else "completions"
+            started = time.perf_counter()
+            found[f"{name}/fedpt_serve"] = lm_eval.simple_evaluate(
+                model=model, model_args=f"model=fedpt,base_url={url}/{route},{model_args},num_concurrent=1",
+                tasks=[task], task_manager=tasks, log_samples=True, apply_chat_template=chat)
+            seconds[f"{name}/fedpt_serve"] = time.perf_counter() - started
+    for name, (_, _, task, chat) in runs.items():
         started = time.perf_counter()
-        found["fedpt_serve"] = lm_eval.simple_evaluate(
-            model="local-completions", model_args=f"model=fedpt,base_url={url}/completions,tokenizer={folder},"
-            "tokenized_requests=True,num_concurrent=1", tasks=["fedpt_check"], task_manager=tasks, log_samples=True)
-        seconds["fedpt_serve"] = time.perf_counter() - started
-    started = time.perf_counter()
-    found["hf"] = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32,device=cpu",
-                                          tasks=["fedpt_check"], task_manager=tasks, log_samples=True, batch_size=1)
-    seconds["hf"] = time.perf_counter() - started
-    ours, theirs = loglikelihoods(found["fedpt_serve"]), loglikelihoods(found["hf"])
-    gap = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
-    acc = {k: v["results"]["fedpt_check"]["acc,none"] for k, v in found.items()}
-    result = {"benchmark": "lm_eval_check", "model": args.model, "dtype": "float32", "items": len(QUESTIONS),
-              "choices": sum(len(c) for _, c, _ in QUESTIONS), "accuracy": acc, "seconds": seconds,
-              "max_abs_loglikelihood_difference": gap,
-              "targets": {"accuracy_equal": acc["fedpt_serve"] == acc["hf"], "loglikelihoods_within_1e-3": gap <= 1e-3},
-              "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "0.4"}
+        found[f"{name}/hf"] = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={folder},dtype=float32,device=cpu", tasks=[task], task_manager=tasks,
+            log_samples=True, batch_size=1, apply_chat_template=chat)
+        seconds[f"{name}/hf"] = time.perf_counter() - started
+    result = {"benchmark": "lm_eval_check", "model": args.model, "dtype": "float32", "seconds": seconds,
+              "lm_eval": getattr(lm_eval, "__version__", "0.4"), "runs": {}, "targets": {}}
+    for name, (_, _, task, _) in runs.items():
+        ours, theirs = per_item(found[f"{name}/fedpt_serve"], task), per_item(found[f"{name}/hf"], task)
+        metric = "acc,none" if task == "fedpt_check" else "exact_match,none"
+        score = {k: found[f"{name}/{k}"]["results"][task][metric] for k in ("fedpt_serve", "hf")}
+        run = {"task": task, "metric": metric.split(",")[0], "score": score, "items": len(ours)}
+        result["targets"][f"{name}: same {run['metric']}"] = score["fedpt_serve"] == score["hf"]
+        if task == "fedpt_check":
+            gap = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
+            run["max_abs_loglikelihood_difference"] = gap
+            result["targets"][f"{name}: log-likelihoods within 1e-3"] = gap <= 1e-3
+        else:
+            run["answers_that_differ"] = sum(a != b for a, b in zip(ours, theirs))
+            run["answers"] = {"fedpt_serve": ours, "hf": theirs}
+        result["runs"][name] = run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
