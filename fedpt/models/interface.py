@@ -7,6 +7,7 @@ left-padded token sequences, either step by step with a cache (decoding) or at m
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class LanguageModel(ABC):
 
 
 DOCUMENT_END = "<|endoftext|>"  # GPT-2-style BPE's end of a document (GPT-2, Qwen, GPT-NeoX)
+END_OF_TURN = re.compile(r"eot|end_of_turn|im_end|end_of_text|endoftext")  # Llama 3, Gemma, ChatML, documents
 
 
 def end_tokens(tokenizer: Any, *ids: int | None) -> set[int]:
@@ -60,6 +62,12 @@ def end_tokens(tokenizer: Any, *ids: int | None) -> set[int]:
     if DOCUMENT_END in getattr(tokenizer, "all_special_tokens", ()) or DOCUMENT_END in getattr(
             tokenizer, "get_added_vocab", dict)():
         found.add(tokenizer.convert_tokens_to_ids(DOCUMENT_END))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):  # the chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...)
+        for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            text = getattr(token, "content", str(token))
+            if getattr(token, "special", False) and text in template and END_OF_TURN.search(text):
+                found.add(i)
     return found
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedpt.errors import FedptError, first_line
-from fedpt.files import checksums, damage
+from fedpt.files import checksums, damage, sha256_of, write_atomic
 
 MARKER = "fedpt-model.json"  # written last: a folder without it is incomplete and never used
 
@@ -125,6 +125,11 @@ def prepare(name: str, *, force: bool = False) -> Path:
         raise FedptError(f"unknown model name '{name}'; known names: {', '.join(REGISTRY)}")
     final = model_dir(name)
     if is_prepared(name) and not force:
+        if complete_ends(final):  # a folder prepared by an older fedpt: its generation config repaired
+            marker = json.loads((final / MARKER).read_text())
+            config = final / GENERATION_CONFIG
+            marker["files"][GENERATION_CONFIG] = {"bytes": config.stat().st_size, "sha256": sha256_of(config)}
+            write_atomic(final / MARKER, json.dumps(marker, indent=2))
         return final
     spec = REGISTRY[name]
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +142,7 @@ def prepare(name: str, *, force: bool = False) -> Path:
         out = work / "model"
         started = time.time()
         n_params = _convert_gguf(work, gguf_name, out)
+        complete_ends(out)
         (out / MARKER).write_text(
             json.dumps(
                 {
@@ -158,6 +164,29 @@ def prepare(name: str, *, force: bool = False) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def complete_ends(folder: Path) -> bool:
+    """List every end token of the model (fedpt.models.end_tokens) in the folder's generation config, so that
+    plain `transformers` generation stops where fedpt does; a folder converted from a GGUF lists only the chat
+    template's end, and a raw completion ran on past `<|endoftext|>`. Returns whether the file changed."""
+    from transformers import AutoTokenizer
+
+    from fedpt.models.interface import end_tokens
+
+    path = folder / GENERATION_CONFIG
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    listed = config.get("eos_token_id")
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    ends = listed + sorted(end_tokens(AutoTokenizer.from_pretrained(folder), *listed) - set(listed))
+    if ends == listed:
+        return False
+    config["eos_token_id"] = ends
+    write_atomic(path, json.dumps(config, indent=2) + "\n")
+    return True
 
 
 def _convert_gguf(folder: Path, gguf_name: str, out: Path) -> int:

@@ -2,6 +2,7 @@ import hashlib
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from fedpt.errors import FedptError
 from fedpt.models import load_model, store
@@ -129,3 +130,30 @@ def test_unknown_name_and_bad_folders(tmp_path, fedpt_home, tiny):
         store.resolve(empty)
     with pytest.raises(FedptError, match="unknown model name"):
         store.prepare("no-such-model")
+
+
+def test_prepare_lists_every_end_token_and_repairs_an_older_folder(fake_parts, fedpt_home, monkeypatch, tiny):
+    import shutil
+
+    register, _ = fake_parts
+    register()
+
+    def convert(folder, gguf_name, out):  # a folder as a GGUF conversion leaves it: one end token listed
+        shutil.copytree(tiny["small"], out)
+        (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+        return 1
+
+    monkeypatch.setattr(store, "_convert_gguf", convert)
+    folder = store.prepare("fake-model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    document_end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2, document_end]
+    # an older fedpt's folder: `fedpt models prepare` repairs it, and the repaired folder still verifies
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2]}))
+    marker = json.loads((folder / store.MARKER).read_text())
+    marker["files"]["generation_config.json"] = {"bytes": (folder / "generation_config.json").stat().st_size,
+                                                 "sha256": "x"}
+    (folder / store.MARKER).write_text(json.dumps(marker))
+    assert store.prepare("fake-model") == folder
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2, document_end]
+    assert store.verify("fake-model", full=True) == folder
