@@ -9,9 +9,10 @@
                      client's metrics, rejected updates, distillation stats, and `failed` for a failed round
     final/           a copy of the last round's model folder without the bookkeeping
     server.log       warnings with their whole text (clients' tracebacks), where a one-line message points
+    flower.log       Flower's own messages in a simulation (appended; not part of the run's state)
 
 Every file is written whole or not at all (fedpt/files.py), and fedpt writes only these names: a new run
-refuses a folder that holds any of them, and nothing else in the folder is ever touched.
+refuses a folder that holds any of them (flower.log aside), and nothing else in the folder is ever touched.
 """
 
 from __future__ import annotations

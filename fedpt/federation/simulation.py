@@ -13,6 +13,7 @@ from typing import Any
 
 from fedpt.config import RunConfig
 from fedpt.errors import FedptError
+from fedpt.federation import reaper
 from fedpt.federation.server_app import make_server_app
 from fedpt.runtime import setup_process
 from fedpt.tuning.distill import AfterRound
@@ -73,6 +74,7 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
     quiet_flower()
     check_before_ray(config, resume)
     guard_ray()
+    reaper.watch()  # no process of the run outlives this one, even killed
     from flwr.simulation import run_simulation
 
     if client_app is None:
@@ -106,6 +108,7 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
 
     final = Path(config.out) / "final"
     try:
+        flower_to_log(Path(config.out))
         run_simulation(
             server_app=make_server_app(config, resume=resume, after_round=after_round, finished=stop_stragglers),
             client_app=client_app,
@@ -119,7 +122,27 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
             raise
     finally:
         running.clear()
+        flower_to_log(None)
     return final
+
+
+def flower_to_log(out: Path | None) -> None:
+    """Flower's own messages (a failing client's Ray traceback is 30+ lines, one per client and round) go to the
+    run's flower.log, not the console, where fedpt says in one line per round which client failed and why (the
+    client's traceback is in server.log); None puts them back on the console."""
+    flower = logging.getLogger("flwr")
+    for handler in list(flower.handlers):
+        if getattr(handler, "fedpt_run_log", False):
+            flower.removeHandler(handler)
+            handler.close()
+        elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if out is None else logging.CRITICAL + 1)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "flower.log", encoding="utf-8", delay=True)  # made on the first message
+        handler.setFormatter(logging.Formatter("%(asctime)s flwr %(levelname)s %(message)s"))
+        handler.fedpt_run_log = True  # type: ignore[attr-defined]
+        flower.addHandler(handler)
 
 
 SHUTDOWN_GRACE_S = 10.0  # seconds the clients still running get after the server finished

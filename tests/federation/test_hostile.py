@@ -51,6 +51,8 @@ def hostile_client_app(behaviours: dict[int, str], sleep: float = 0.0):
                                                     "metrics": MetricRecord(dict(context.state["old-metrics"]))}))
         if behaviour == "silent":
             time.sleep(sleep)
+        if behaviour == "crash":
+            raise RuntimeError("this client's disk is full")
         answer = client_app.train_round(message, context)
         if behaviour == "replay":
             context.state["old"] = ArrayRecord(dict(answer.content["arrays"]))
