@@ -28,7 +28,7 @@ class FederationConfig:
     dirichlet_alpha: float = 0.5  # smaller is more skewed: each client's share of each group ~ Dirichlet(alpha)
     eval_examples: int = 64  # held-out pairs the server scores after each round; 0 scores all
     client_cpus: int = 2  # CPUs per simulated client: with 2 on a 2-core machine, one client trains at a time
-    timeout: float = 3600.0  # seconds the server waits for a round's replies
+    timeout: float = 900.0  # seconds the server waits for a round's replies (a chatterbot round: ~190 s on 2 cores)
     trim_beta: float = 0.2  # FedTrimmedAvg: the share of values cut at each end, per coordinate
     malicious_clients: int = 0  # Krum, MultiKrum, Bulyan: how many clients per round may be malicious
     multikrum_select: int = 2  # MultiKrum: updates averaged
