@@ -3,8 +3,8 @@
 An adapter of the right shapes loads onto any base of the same architecture and gives noise, silently. Every
 model folder fedpt trains (round-K/, final/, a central run) gets `fedpt-base.json`: the base's name and a
 fingerprint of its weights (a hash of the first row of every tensor in its safetensors files: cheap, and
-different for any retrained or other model). Loading checks it; a mismatch is an error unless forced. Adapters
-fedpt did not train carry no record and are not checked.
+different for any retrained or other model) and of its tokenizer's files. Loading checks it; a mismatch is an
+error unless forced. Adapters fedpt did not train carry no record and are not checked.
 """
 
 from __future__ import annotations
@@ -51,9 +51,31 @@ def _hash(files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()[:32]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def tokenizer_fingerprint(model: str | Path) -> str | None:
+    """A hash of the files that map text to token ids (not the chat template), or None where there are none."""
+    from fedpt.models.store import resolve
+
+    try:
+        folder = resolve(model)
+    except FedptError:
+        return None
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:32]
+
+
 def record_base(folder: Path, base: str | Path) -> None:
     """Write the record into a model folder fedpt trained from `base`."""
-    (folder / RECORD).write_text(json.dumps({"base": str(base), "fingerprint": fingerprint(base)}))
+    (folder / RECORD).write_text(json.dumps({"base": str(base), "fingerprint": fingerprint(base),
+                                             "tokenizer": tokenizer_fingerprint(base)}))
 
 
 def check_base(folder: str | Path, base: str | Path, force: bool = False) -> None:
@@ -70,3 +92,8 @@ def check_base(folder: str | Path, base: str | Path, force: bool = False) -> Non
     if theirs and ours and theirs != ours:
         raise FedptError(f"{Path(folder).name} was trained on {recorded.get('base')}, whose weights differ from "
                          f"{base}'s: it would give noise on it; pass the base it was trained on (or --force)")
+    words, our_words = recorded.get("tokenizer"), tokenizer_fingerprint(base)
+    if words and our_words and words != our_words:  # records of an older fedpt have none
+        raise FedptError(f"{Path(folder).name} was trained on {recorded.get('base')}, whose tokenizer differs from "
+                         f"{base}'s: the same ids would mean other words; pass the base it was trained on "
+                         "(or --force)")

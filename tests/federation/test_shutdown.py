@@ -44,7 +44,8 @@ def test_kill_9_of_fedpt_train_leaves_no_process_of_the_run(tiny, qa_file, tmp_p
 
     settings = [f'model.small="{tiny["small"]}"', f'model.large="{tiny["large"]}"', f'data.source="{qa_file}"',
                 'data.group_field="topic"', "data.test_percent=20", "data.validation_percent=0",
-                "federation.clients=2", "federation.rounds=50", "federation.client_cpus=1", "federation.eval_examples=4",
+                "federation.clients=2", "federation.rounds=50", "federation.client_cpus=1",
+                "federation.eval_examples=4",
                 'tuning.dtype="float32"', "tuning.local_steps=2", "tuning.batch_size=2", "tuning.max_length=32"]
     train = subprocess.Popen([str(BIN / "fedpt"), "train", "--out", str(tmp_path / "run"),
                               *[a for s in settings for a in ("--set", s)]], env=env(tmp_path / "home"),

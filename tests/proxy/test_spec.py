@@ -44,3 +44,20 @@ def test_the_cli_says_so_in_one_line(cli, tiny, tiny_adapter):
     assert code == 2 and "alpha -5 is outside [0, 4]" in err and len(err.strip().splitlines()) == 1
     code, out, err = cli("generate", "--large", tiny["large"], "--prompt", "hello", "--stop", "", "--dtype", "float32")
     assert code == 2 and "stop strings must not be empty" in err
+
+
+def test_an_adapter_is_refused_on_the_same_weights_with_another_tokenizer(tiny, tiny_adapter, tmp_path):
+    import json
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    record_base(adapter, tiny["small"])
+    other = shutil.copytree(tiny["small"], tmp_path / "other-words")
+    words = json.loads((other / "tokenizer.json").read_text())
+    vocab = words["model"]["vocab"]
+    a, b = sorted(vocab)[10], sorted(vocab)[11]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids: same weights, other words
+    (other / "tokenizer.json").write_text(json.dumps(words))
+    assert fingerprint(other) == fingerprint(tiny["small"])
+    with pytest.raises(FedptError, match="whose tokenizer differs"):
+        load_expert(other, adapter, dtype="float32")
+    load_expert(other, adapter, dtype="float32", force=True)
