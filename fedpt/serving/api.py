@@ -52,7 +52,7 @@ class API:
 
     def __init__(self, engine: Engine, model_name: str, limits: Limits, api_key_env: str = ""):
         self.engine, self.model_name, self.limits = engine, model_name, limits
-        self.tokenizer = engine.lm.tokenizer
+        self.tokenizer, self.vocab = engine.lm.tokenizer, engine.lm.vocab_size
         self._key = os.environ.get(api_key_env, "") if api_key_env else ""
         if api_key_env and not self._key:
             raise FedptError(f"the API key variable {api_key_env} is not set in the environment")
@@ -120,7 +120,7 @@ class API:
         max_tokens = self._max_tokens(body.max_tokens if body.max_tokens is not None else 16)
         if body.echo and body.stream:
             raise APIError(400, "echo with stream is not supported", param="echo")
-        sampling = body.sampling(max_tokens, body.logprobs, echo=body.echo and body.logprobs is not None)
+        sampling = body.sampling(max_tokens, body.logprobs, body.echo and body.logprobs is not None, self.vocab)
         ids, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ids, "object": "text_completion", "created": created, "model": self.model_name}
         if body.stream:
@@ -155,7 +155,7 @@ class API:
         prompt = self._check_prompt(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         limit = body.max_completion_tokens or body.max_tokens or self.limits.default_chat_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        sampling = body.sampling(self._max_tokens(limit), top, echo=False)
+        sampling = body.sampling(self._max_tokens(limit), top, False, self.vocab)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if body.stream:
             chunk = {**head, "object": "chat.completion.chunk"}
@@ -214,9 +214,6 @@ class API:
         self._check_model(body.model)
         if body.n != 1:
             raise APIError(400, "only n = 1 is supported", param="n")
-        vocab = self.engine.lm.vocab_size
-        if any(not 0 <= token < vocab for token in body.logit_bias or {}):
-            raise APIError(400, f"logit_bias keys are token ids in [0, {vocab})", param="logit_bias")
 
     def _max_tokens(self, asked: int) -> int:
         if asked > self.limits.max_tokens:

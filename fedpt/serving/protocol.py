@@ -114,8 +114,10 @@ class RequestBase(BaseModel):
                              "otherwise than asked); leave it out")
         return self
 
-    def sampling(self, max_tokens: int, top_logprobs: int | None, echo: bool) -> Sampling:
+    def sampling(self, max_tokens: int, top_logprobs: int | None, echo: bool, vocab_size: int) -> Sampling:
         """What the engine needs of this request (vLLM's `to_sampling_params`)."""
+        if any(not 0 <= token < vocab_size for token in self.logit_bias or {}):
+            raise APIError(400, f"logit_bias keys are token ids in [0, {vocab_size})", param="logit_bias")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
