@@ -46,3 +46,24 @@ def test_prepare_both_and_generate_eight_proxy_tokens():
     zero_proxy = ProxyTunedLM(large, AdapterPair(peft_model, tokenizer), fusion=Fusion(alpha=0.0))
     zero = generate_tokens(zero_proxy, prompt, config)[0]
     assert zero == alone
+
+
+def test_a_raw_answer_ends_at_endoftext_and_echo_scoring_keeps_the_end_token():
+    from fedpt.decoding import Engine, Report, Request, Sampling, generate
+    from fedpt.models import HFCausalLM
+
+    large = HFCausalLM.load(LARGE)
+    question = "Question: What is 2 + 3? Answer with the number only.\nAnswer:"
+    # before: " 5Question: What" - the 1.5B ends the answer with <|endoftext|>, which was not an end token
+    assert generate(large, [question], Sampling(max_tokens=12), chat=False)[0] == " 5"
+    prompt = large.tokenizer(question + " 5")["input_ids"]
+    reports: list[Report] = []
+    engine = Engine(large, max_queue=0)
+    engine.submit(Request(prompt, Sampling(max_tokens=1, top_logprobs=1, echo_logprobs=True), reports.append))
+    while any(engine.load.values()):
+        engine.run_step()
+    scored = [t for r in reports for t in r.tokens]
+    # lm-eval sums token_logprobs[ctxlen:-1]: one entry per prompt token, then the generated (end) token's
+    assert len(next(r.prompt for r in reports if r.prompt is not None)) == len(prompt)
+    assert [t.id for t in scored] == [large.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    assert reports[-1].finish_reason == "stop"
