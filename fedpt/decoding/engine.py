@@ -313,9 +313,12 @@ def _info(logprobs: Tensor, token: int, top_n: int | None) -> TokenInfo:
 
 
 def _overlap(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `stop`."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
+    """Length of the longest end of `text` that is a proper start of `stop`: only lengths n whose stop[n - 1] is
+    the text's last character are tried, so a long stop string costs little per token."""
+    n = min(len(stop) - 1, len(text))
+    while n > 0:
+        n = stop.rfind(text[-1], 0, n) + 1  # the longest n left with stop[n - 1] == text[-1] (0: none)
+        if n and text.endswith(stop[:n]):
             return n
+        n -= 1
     return 0
-

@@ -285,3 +285,18 @@ def test_a_special_token_as_a_stop_string_ends_the_answer(tiny):
     # before: stops were matched on text decoded without special tokens, so this one never matched
     assert generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=4, ignore_eos=True, stop=("<|im_start|>",)))[0] \
         == free[:1]
+
+
+def test_the_held_back_tail_is_the_longest_start_of_a_stop_string():
+    import random
+
+    from fedpt.decoding.engine import _overlap
+
+    def every_length(text, stop):  # the definition, trying every length
+        return next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0)
+
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 8)))
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 8)))
+        assert _overlap(text, stop) == every_length(text, stop), (text, stop)
