@@ -40,43 +40,27 @@ QUESTIONS = [
     ("What is the largest ocean?", ["Atlantic", "Pacific", "Indian"], 1),
     ("Which symbol starts a comment in Python?", ["//", "#", "--"], 1),
 ]
-TASK = """task: fedpt_check
+HEAD = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+"""
+CHOICE = """output_type: multiple_choice
+doc_to_text: "{text}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
+target_delimiter: "{delimiter}"
 metric_list:
   - metric: acc
 """
-CHAT = """task: fedpt_chat
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
-SUMS = [(2, 3), (7, 8), (12, 30), (9, 9), (41, 17), (6, 70), (15, 15), (88, 11), (3, 4), (25, 50)]
-EXACT = """task: fedpt_exact
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}} Answer with the number only.\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
+TASKS = {  # name: (data file, the rest of its YAML)
+    "fedpt_check": ("data.jsonl", CHOICE.format(text="Question: {{question}}\\nAnswer:", delimiter=" ")),
+    "fedpt_chat": ("chat.jsonl", CHOICE.format(text="{{context}}", delimiter="")),
+    "fedpt_exact": ("sums.jsonl", """output_type: generate_until
+doc_to_text: "Question: {{question}} Answer with the number only.\\nAnswer:"
+doc_to_target: "{{answer}}"
 generation_kwargs:
   until: ["\\n\\n"]
   max_gen_toks: 16
@@ -84,7 +68,9 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
     regexes_to_ignore: [" ", "\\n", '\\.']
-"""
+"""),
+}
+SUMS = [(2, 3), (7, 8), (12, 30), (9, 9), (41, 17), (6, 70), (15, 15), (88, 11), (3, 4), (25, 50)]
 
 
 def per_item(result: dict, task: str) -> list:
@@ -115,7 +101,6 @@ def main() -> None:
                                              for q, c, a in QUESTIONS))
     (work / "sums.jsonl").write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)})
                                              + "\n" for a, b in SUMS))
-    (work / "fedpt_check.yaml").write_text(TASK.format(data=work / "data.jsonl"))
     # the questions in the model's chat template, answered right after `<|im_start|>assistant\n` (lm-eval 0.4.13
     # cannot apply a chat template to log-likelihood requests of an API model, so the task carries it)
     from transformers import AutoTokenizer
@@ -124,8 +109,8 @@ def main() -> None:
     (work / "chat.jsonl").write_text("".join(json.dumps({"context": words.apply_chat_template(
         [{"role": "user", "content": f"{q} Answer in a word."}], tokenize=False, add_generation_prompt=True),
         "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
-    (work / "fedpt_chat.yaml").write_text(CHAT.format(data=work / "chat.jsonl"))
-    (work / "fedpt_exact.yaml").write_text(EXACT.format(data=work / "sums.jsonl"))
+    for name, (data, rest) in TASKS.items():
+        (work / f"{name}.yaml").write_text(HEAD.format(name=name, data=work / data) + rest)
     tasks = TaskManager(include_path=str(work))
     runs = {  # name: (model folder, lm-eval model, its arguments, task, chat template)
         "raw_choice": (folder, "local-completions", "tokenizer_backend=remote,tokenized_requests=True", "fedpt_check",
