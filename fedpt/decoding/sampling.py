@@ -69,6 +69,7 @@ def choose(logprobs: Tensor, temperature: float, top_p: float, generator: torch.
         sorted_probs, order = probs.sort(-1, descending=True)
         # drop a token once the tokens ranked above it already hold top_p of the mass
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        outside[..., 0] = False  # the most likely token always stays (a top_p that underflows in float32 is 0)
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     cdf = probs.cumsum(-1)  # (B, V)

@@ -265,6 +265,9 @@ def test_a_temperature_that_underflows_decodes_greedily(tiny):
     # before: logits / 1e-40 overflowed to NaN and the last vocabulary token came out, repeated
     assert generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=6, temperature=1e-40, ignore_eos=True, seed=1)) \
         == greedy
+    # a nucleus this small holds the most likely token alone
+    assert generate_tokens(lm, [[5, 6, 7]], Sampling(max_tokens=6, temperature=1.0, top_p=1e-300, ignore_eos=True,
+                                                     seed=1)) == greedy
 
 
 def test_a_special_token_as_a_stop_string_ends_the_answer(tiny):
