@@ -129,20 +129,35 @@ def simulate(config: RunConfig, resume: bool = False, after_round: AfterRound | 
 def flower_to_log(out: Path | None) -> None:
     """Flower's own messages (a failing client's Ray traceback is 30+ lines, one per client and round) go to the
     run's flower.log, not the console, where fedpt says in one line per round which client failed and why (the
-    client's traceback is in server.log); None puts them back on the console."""
+    client's traceback is in server.log); before the run's folder exists they stay on the console (a refused
+    run writes nothing). None puts them all back on the console."""
     flower = logging.getLogger("flwr")
+    consoles = [h for h in flower.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
     for handler in list(flower.handlers):
-        if getattr(handler, "fedpt_run_log", False):
+        if isinstance(handler, _RunLog):
             flower.removeHandler(handler)
             handler.close()
-        elif isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.INFO if out is None else logging.CRITICAL + 1)
+    for console in consoles:
+        console.setLevel(logging.INFO if out is None else logging.CRITICAL + 1)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(out / "flower.log", encoding="utf-8", delay=True)  # made on the first message
-        handler.setFormatter(logging.Formatter("%(asctime)s flwr %(levelname)s %(message)s"))
-        handler.fedpt_run_log = True  # type: ignore[attr-defined]
-        flower.addHandler(handler)
+        flower.addHandler(_RunLog(out / "flower.log", consoles))
+
+
+class _RunLog(logging.FileHandler):
+    """Appends to the run's flower.log once the run's folder exists; until then hands records to the console."""
+
+    def __init__(self, path: Path, consoles: list[logging.Handler]):
+        super().__init__(path, encoding="utf-8", delay=True)  # the file is made on the first message
+        self.setFormatter(logging.Formatter("%(asctime)s flwr %(levelname)s %(message)s"))
+        self.consoles = consoles
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if Path(self.baseFilename).parent.is_dir():
+            super().emit(record)
+        else:
+            for console in self.consoles:
+                console.emit(record)
 
 
 SHUTDOWN_GRACE_S = 10.0  # seconds the clients still running get after the server finished
