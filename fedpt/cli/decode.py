@@ -102,6 +102,11 @@ def with_model_options(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+def _to_stderr(message: str) -> None:
+    """What loads, and how long it took: on stderr, so stdout holds only the answers."""
+    print(message, file=sys.stderr, flush=True)
+
+
 @app.command()
 @with_model_options
 def generate(
@@ -138,7 +143,7 @@ def generate(
     sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                         stop=tuple(stop or ()), json_schema=json_schema)
     quiet_transformers()
-    lm = spec.open(say=lambda message: print(message, file=sys.stderr, flush=True))
+    lm = spec.open(say=_to_stderr)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         for p, completion in zip(prompts, generate_each(lm, prompts, sampling, chat=not raw,
                                                            max_batch=batch_size, progress=progress)):
@@ -172,7 +177,7 @@ def serve(
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, timeout=timeout)
     check_free(host, port)
     quiet_transformers()
-    lm = spec.open(say=lambda message: print(message, file=sys.stderr, flush=True))
+    lm = spec.open(say=_to_stderr)
     print(f"serving {lm.name} as '{name}' at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     run_server(lm, host, port, name=name, limits=limits, api_key_env=require_key_env, max_batch=max_batch,
                max_queue=max_queue)
@@ -207,7 +212,7 @@ def evaluate(
 
     sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     quiet_transformers()
-    lm = spec.open(say=lambda message: print(message, file=sys.stderr, flush=True))
+    lm = spec.open(say=_to_stderr)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         results = run(lm, task, out, sampling=sampling, n=n, limit=limit, chat=not raw, max_batch=batch_size,
                       timeout=timeout, progress=progress)

@@ -97,7 +97,7 @@ class API:
         self._authorize(request)
         body = await self._json(request)
         self._check_model(body.get("model"))
-        tokens, vocab = body.get("tokens"), self.engine.lm.vocab_size
+        tokens, vocab = body.get("tokens"), self.vocab
         if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
             raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
         return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
@@ -109,7 +109,7 @@ class API:
         t = self.tokenizer
         return JSONResponse({"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token,
                              "pad_token": t.pad_token, "chat_template": getattr(t, "chat_template", None),
-                             "model_max_length": self.engine.max_length, "vocab_size": self.engine.lm.vocab_size,
+                             "model_max_length": self.engine.max_length, "vocab_size": self.vocab,
                              "end_token_ids": sorted(self.engine.lm.eos_token_ids)})
 
     async def completions(self, request: HTTPRequest) -> Response:
@@ -224,7 +224,7 @@ class API:
     def _tokens_of(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self._check_prompt(self.tokenizer(prompt)["input_ids"])
-        vocab = self.engine.lm.vocab_size
+        vocab = self.vocab
         if any(not 0 <= t < vocab for t in prompt):
             raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt")
         return self._check_prompt(list(prompt))
