@@ -98,6 +98,12 @@ class Evaluation:
         if self.experiment.metric == "rouge" and self.experiment.generate_examples:
             self.rouge(name, lm)
 
+    def same_answers(self, name: str, other: str) -> None:
+        """`name` is the same model as `other` (the chosen fusion is the published one): its answers are `other`'s."""
+        row, theirs = self.rows.setdefault(name, {}), self.rows[other]
+        row.update({key: theirs[key] for key in ("tasks", "rouge_l", "exact_match", "seconds_per_token", "samples")
+                    if key in theirs}, answers_of=other)
+
     def task(self, name: str, lm: LanguageModel, task_name: str) -> None:
         """Greedy pass@1 (or exact match) on a real task, in OUT/tasks/TASK/MODEL (resumable), as `fedpt evaluate`
         writes it; the row keeps the score and each problem's verdict, for paired intervals."""

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedpt.experiment.plots import plot
 from fedpt.experiment.results import (
     BYTES_TARGET,
     COST_TARGETS,
+    HEADLINE,
     MEMORY_TARGET,
     NAMES,
     ORDER,
@@ -28,82 +30,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def plot(results: dict[str, Any], folder: Path) -> list[str]:
-    """rounds.png, metrics.png, costs.png; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    for name, draw in (("rounds.png", _plot_rounds), ("metrics.png", _plot_metrics), ("costs.png", _plot_costs)):
-        fig = draw(plt, results)
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=120)
-        plt.close(fig)
-        names.append(name)
-    return names
-
-
-def _plot_rounds(plt: Any, results: dict[str, Any]) -> Any:
-    """Held-out loss per round of each federation, with the proxies' final NLL as lines."""
-    from matplotlib.ticker import MaxNLocator
-
-    costs, models = results["costs"], results["models"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in [("fedpt", "FedPT: small model, federated"), ("fedpt_distill", "FedPT + distillation"),
-                       ("direct", "baseline: large model, federated")]:
-        if key in costs:
-            curve = costs[key]["heldout_nll_per_round"]
-            ax.plot(range(len(curve)), curve, marker="o", label=label)
-    for key, style in [("fedpt_proxy", ":"), ("fedpt_best", "--")]:
-        if key in models:
-            ax.axhline(models[key]["nll"], linestyle=style, color="gray", label=f"{NAMES[key]} (final)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("test NLL per answer token" if results.get("config", {}).get("federation", {}).get(
-        "eval_examples") == 0 else "NLL per answer token, first test pairs")
-    ax.set_title("Held-out loss per round")
-    ax.legend(fontsize=7)
-    return fig
-
-
-def _plot_metrics(plt: Any, results: dict[str, Any]) -> Any:
-    """Every model's NLL, and its task metric where measured, as bars."""
-    models = results["models"]
-    present = [k for k in ORDER if k in models]
-    metric = "rouge_l" if all("rouge_l" in models[k] for k in present if k in ("large_base", "large_direct")) \
-        else "accuracy"
-    panels = [("nll", "NLL per answer token (lower is better)")]
-    if any(metric in models[k] for k in present):
-        panels.append((metric, f"{'ROUGE-L' if metric == 'rouge_l' else 'accuracy'} (higher is better)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
-    axes = [axes] if len(panels) == 1 else axes
-    for ax, (key, title) in zip(axes, panels):
-        keys = [k for k in present if key in models[k]]
-        ax.barh([NAMES[k] for k in keys], [models[k][key] for k in keys],
-                color=["tab:orange" if k.startswith("fedpt") else "tab:blue" for k in keys])
-        ax.set_title(title, fontsize=10)
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=7)
-    return fig
-
-
-def _plot_costs(plt: Any, results: dict[str, Any]) -> Any:
-    """What a FedPT client and a direct client pay, side by side."""
-    costs = results["costs"]
-    measures = [("peak_memory_bytes", "client peak memory (GB)", 1e9),
-                ("seconds_per_step", "seconds per local step", 1),
-                ("bytes_up_per_client_round", "MB sent per client and round", 1e6),
-                ("flops_per_client_round", "training TFLOPs per client and round", 1e12)]
-    fig, axes = plt.subplots(1, len(measures), figsize=(14, 3.5))
-    for ax, (key, title, scale) in zip(axes, measures):
-        ax.bar(["FedPT", "direct"], [costs["fedpt"][key] / scale, costs["direct"][key] / scale],
-               color=["tab:orange", "tab:blue"])
-        ax.set_title(title, fontsize=9)
-    return fig
-
-
 def why(results: dict[str, Any], missed: list[str]) -> list[str]:
     """The measured facts behind each missed target, so a reader sees where the shortfall comes from."""
     models, costs = results["models"], results["costs"]
@@ -117,6 +43,11 @@ def why(results: dict[str, Any], missed: list[str]) -> list[str]:
             f"model's test NLL by {small_gain:.3f} and direct tuning lowered the large model's by {large_gain:.3f}; "
             f"the small model alone, tuned, reaches {models['small_fedpt']['nll']:.3f} against the large base's "
             f"{models['large_base']['nll']:.3f} and the direct baseline's {models['large_direct']['nll']:.3f}.")
+    for task in [t for t in results.get("gap_closed_task", {}) if any(n.startswith(f"{t}_") for n in missed)]:
+        scores = [f"{NAMES[k]} {models[k]['tasks'][task]['pass@1']['value']:.3f}" for k in ("large_base", HEADLINE,
+                  "large_direct") if task in models.get(k, {}).get("tasks", {})]
+        lines.append(f"{task}: pass@1 {', '.join(scores)}. A share of the gap means something only where direct "
+                     "tuning lifted the large model beyond its paired interval.")
     if MEMORY_TARGET in missed:
         lines.append(
             f"Memory: a FedPT client peaked at {fedpt['peak_memory_bytes'] / 1e9:.2f} GB against "
@@ -162,7 +93,8 @@ def _recipe(results: dict[str, Any]) -> list[str]:
 def _targets(results: dict[str, Any]) -> list[str]:
     lines = ["## Targets", "", "| target | value | met |", "|---|---|---|"]
     for name, t in results["targets"].items():
-        lines.append(f"| {name} | {_fmt(t['value'])} | {'yes' if t['met'] else '**no**'} |")
+        band = f" (95%: {_fmt(t['interval_95'][0])} to {_fmt(t['interval_95'][1])})" if "interval_95" in t else ""
+        lines.append(f"| {name} | {_fmt(t['value'])}{band} | {'yes' if t['met'] else '**no**'} |")
     return lines
 
 

@@ -159,7 +159,7 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progre
              out: Path | None = None) -> tuple[Evaluation, dict[str, dict], dict[str, str | None]]:
     """Score every model; return the rows, the fusion grid (validation and test) and the choices on validation.
 
-    At most one large model and one small pair are in memory at a time."""
+    At most one large model and one small pair are in memory at a time; the directly tuned large model goes first."""
     from fedpt.proxy import ProxyTunedLM
     from fedpt.proxy.spec import ModelSpec
 
@@ -169,6 +169,11 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progre
     published = Fusion(alpha=config.experiment.alpha)
     ev = Evaluation(config, data.test, data.validation, progress, out)
     rows = ev.rows
+    # the baseline first: whether direct tuning moved the large model at all decides what the rest can show
+    tuned = spec.open_tuned(large_weights, trained.direct, spread=True)
+    ev.score("large_direct", tuned)
+    ev.answers("large_direct", tuned)
+    del tuned
     large = spec.open_large()
 
     expert = ModelSpec.from_config(config.model, adapter=trained.fedpt).open_expert()
@@ -182,7 +187,10 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progre
     ev.answers("large_base", large)
     ev.answers("small_fedpt", expert.tuned)
     ev.answers("fedpt_proxy", ProxyTunedLM(large, expert, fusion=published))
-    ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=chosen_fusion))
+    if chosen_fusion.label == published.label:  # the same model: greedy answers are the same, decoded once
+        ev.same_answers("fedpt_best", "fedpt_proxy")
+    else:
+        ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=chosen_fusion))
     del expert
     ev.answers("small_base", dataclasses.replace(spec, large=small, large_device_map="").open_large())
 
@@ -194,15 +202,12 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progre
         rows["fedpt_distill_best"] = {**distilled[chosen_fusion.label]["test"], "fusion": chosen_fusion.label}
         ev.answers("fedpt_distill_proxy", ProxyTunedLM(large, expert, fusion=published))
         del expert
-    del large  # before the directly tuned large model is loaded
-
-    for name, base, folder in [("small_central", small, trained.central),
-                               ("large_direct", large_weights, trained.direct)]:
-        if folder is not None:
-            tuned = spec.open_tuned(base, folder, spread=base == large_weights)
-            ev.score(name, tuned)
-            ev.answers(name, tuned)
-            del tuned
+    del large
+    if trained.central is not None:
+        tuned = spec.open_tuned(small, trained.central, spread=False)
+        ev.score("small_central", tuned)
+        ev.answers("small_central", tuned)
+        del tuned
     return ev, {f.label: grid[f.label] for f in fusions}, chosen
 
 
@@ -218,6 +223,7 @@ def summarize(config: RunConfig, data: Splits, trained: Trained, out: Path, mode
         cost["central"] = {key: trained.central_stats[key] for key in ("seconds_per_step", "peak_memory_bytes",
                                                                         "steps")}
     ratio = res.cost_ratios(cost["fedpt"], cost["direct"])
+    task_gaps = {task: res.task_gaps(models, task) for task in exp.tasks}
     return {
         "version": res.VERSION,
         "config": config.to_dict(),
@@ -230,8 +236,8 @@ def summarize(config: RunConfig, data: Splits, trained: Trained, out: Path, mode
         "chosen_on_validation": chosen,
         "gap_closed_nll": gap_nll,
         "gap_closed_metric": res.gaps(models, "rouge_l" if exp.metric == "rouge" else "accuracy"),
-        "gap_closed_task": {task: res.task_gaps(models, task) for task in exp.tasks},
+        "gap_closed_task": task_gaps,
         "costs": cost,
         "cost_ratio_fedpt_over_direct": ratio,
-        "targets": res.targets(gap_nll, ratio),
+        "targets": {**res.targets(gap_nll, ratio), **res.task_targets(models, task_gaps)},
     }

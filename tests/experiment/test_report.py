@@ -55,3 +55,22 @@ def test_the_privacy_spent_is_in_the_report(tmp_path):
                                             "clip_norm": 0.1, "releases": 3}
     report = markdown(results)
     assert "## Privacy spent" in report and "| fedpt | central | 7.500 | 0.25 | 1.200 | 0.100 | 3 |" in report
+
+
+def test_a_real_task_gets_its_targets_its_reasons_and_a_plot_panel(tmp_path):
+    from fedpt.experiment import results as res
+    from fedpt.experiment.report import write_report
+
+    results = json.loads((DATA / "results-small.json").read_text())
+    for name, solved in (("large_base", 10), ("fedpt_best", 12), ("large_direct", 20)):
+        passed = {f"p{i}": i < solved for i in range(40)}
+        results["models"][name]["tasks"] = {"gsm": {"pass@1": {"value": solved / 40, "interval_95": [0.1, 0.6]},
+                                                    "problems": 40, "passed": passed}}
+    results["gap_closed_task"] = {"gsm": res.task_gaps(results["models"], "gsm")}
+    results["targets"].update(res.task_targets(results["models"], results["gap_closed_task"]))
+    write_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| gsm_gap_closed_at_least_0.8 | 0.200 (95%: " in report
+    assert "| gsm_direct_beats_large_base | 0.250" in report
+    assert "- gsm: pass@1 large base 0.250, FedPT: fusion chosen on validation 0.300" in report
+    assert (tmp_path / "metrics.png").stat().st_size > 1000

@@ -38,3 +38,18 @@ def test_costs_and_targets_from_metrics(tmp_path):
     assert not targets[res.GAP_TARGET]["met"] and targets[res.STEP_TARGET]["met"]
     assert targets[res.MEMORY_TARGET]["value"] == pytest.approx((1e9 + 1) / (4e9 + 1))
     assert set(targets) == {res.GAP_TARGET, *res.COST_TARGETS}
+
+
+def test_task_targets_judge_the_chosen_fusion_and_the_premise_that_direct_tuning_helped():
+    def row(passed):
+        return {"tasks": {"gsm": {"passed": {f"p{i}": bool(v) for i, v in enumerate(passed)}}}}
+
+    base, direct = [0] * 20 + [1] * 20, [0] * 4 + [1] * 36  # direct solves 16 more of 40
+    models = {"large_base": row(base), "large_direct": row(direct), "fedpt_best": row([0] * 8 + [1] * 32)}
+    found = res.task_targets(models, {"gsm": res.task_gaps(models, "gsm")})
+    premise, gap = found["gsm_direct_beats_large_base"], found["gsm_gap_closed_at_least_0.8"]
+    assert premise["value"] == pytest.approx(0.4) and premise["met"] and premise["interval_95"][0] > 0
+    assert gap["value"] == pytest.approx(12 / 16) and not gap["met"] and gap["model"] == res.HEADLINE
+    # a direct model no better than its base: the premise fails, whatever the proxy does
+    models["large_direct"] = row(base[1:] + [1])
+    assert not res.task_targets(models, {"gsm": res.task_gaps(models, "gsm")})["gsm_direct_beats_large_base"]["met"]
