@@ -93,6 +93,8 @@ class TuneConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
     batch_size: int = 4
+    micro_batch_size: int = 0  # rows per forward and backward, gradients summed over the batch (the same step in
+    #                            less memory); 0: the whole batch at once
     max_length: int = 96
     pad_multiple: int = 16  # batch widths padded to a multiple: few shapes, so CPU kernel caches stop growing
     local_steps: int = 8
@@ -114,6 +116,9 @@ class TuneConfig:
         for name in ("lora_r", "batch_size", "max_length", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise FedptError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.micro_batch_size <= self.batch_size:
+            raise FedptError(f"tuning.micro_batch_size must lie in [0, batch_size = {self.batch_size}] (0: the whole "
+                             f"batch at once), got {self.micro_batch_size}")
         if self.local_steps < 1 and self.local_epochs <= 0:
             raise FedptError("set local_steps >= 1 or local_epochs > 0")
         if not 0 < self.learning_rate < math.inf:

@@ -140,12 +140,31 @@ def answer_logits(model: torch.nn.Module, ids: Tensor, mask: Tensor, labels: Ten
     return base.get_output_embeddings()(hidden[:, :-1][scored]).float(), labels[:, 1:][scored]
 
 
-def answer_loss(model: torch.nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of the answer tokens (the same as the full forward's loss, at a fraction of its memory)."""
+def answer_loss(model: torch.nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of the answer tokens, their mean or sum (the full forward's loss, at a fraction of its memory)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "final_logit_softcapping", None):  # the head is not a plain linear layer there
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    return torch.nn.functional.cross_entropy(*answer_logits(model, ids, mask, labels))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return loss * int((labels[:, 1:] != -100).sum()) if reduction == "sum" else loss
+    return torch.nn.functional.cross_entropy(*answer_logits(model, ids, mask, labels), reduction=reduction)
+
+
+def batch_loss(model: torch.nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, micro_batch_size: int) -> float:
+    """Backpropagate the batch's mean answer-token loss, `micro_batch_size` rows at a time (0: all at once), and
+    return it: each part's summed loss over the whole batch's answer-token count, so the gradients add up to the
+    whole batch's while only one part's activations are alive."""
+    if not micro_batch_size or micro_batch_size >= len(ids):
+        loss = answer_loss(model, ids, mask, labels)
+        loss.backward()
+        return loss.item()
+    count = int((labels[:, 1:] != -100).sum())
+    total = 0.0
+    for start in range(0, len(ids), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        part = answer_loss(model, ids[rows], mask[rows], labels[rows], reduction="sum") / count
+        part.backward()
+        total += part.item()
+    return total
 
 
 def steps_for(config: TuneConfig, n_examples: int) -> int:
@@ -182,13 +201,12 @@ def train(
     with PeakMemory(device) as memory, Stopwatch() as clock, task(progress, "local steps", n_steps) as advance:
         for _ in range(n_steps):
             ids, mask, labels = (t.to(device) for t in next(stream))
-            loss = answer_loss(model, ids, mask, labels)
-            if not torch.isfinite(loss):
-                raise FedptError(f"training loss became {loss.item()}; lower the learning rate")
-            losses.append(loss.item())
+            loss = batch_loss(model, ids, mask, labels, config.micro_batch_size)
+            if not math.isfinite(loss):
+                raise FedptError(f"training loss became {loss}; lower the learning rate")
+            losses.append(loss)
             if anchor is not None:
-                loss = loss + config.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            loss.backward()
+                (config.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += int(mask.sum())

@@ -95,6 +95,23 @@ def test_padding_to_a_multiple_keeps_the_loss(tiny):
     torch.testing.assert_close(answer_loss(model, *padded), answer_loss(model, *tight), atol=1e-5, rtol=1e-5)
 
 
+def test_micro_batches_take_the_same_step_as_the_whole_batch(tiny):
+    # rows of unequal answer lengths: a mean of per-part means would weigh them wrongly
+    data = DATA + [Example("count to three", "one two three four five six seven"), Example("hi", "yo")]
+    runs = {}
+    for micro in (0, 1, 4):
+        model, tokenizer, _ = load_model(tiny["small"], dtype="float32")
+        model = make_trainable(model, TuneConfig(), seed=1)
+        config = TuneConfig(batch_size=6, micro_batch_size=micro, local_steps=3, learning_rate=1e-2)
+        runs[micro] = (train(model, tokenizer, data, config, seed=0)["train_loss"], trainable_state(model))
+    for micro in (1, 4):
+        assert runs[micro][0] == pytest.approx(runs[0][0], rel=1e-5)
+        for name, value in runs[0][1].items():
+            np.testing.assert_allclose(runs[micro][1][name], value, rtol=1e-4, atol=1e-6)
+    with pytest.raises(FedptError, match="micro_batch_size must lie in"):
+        TuneConfig(batch_size=2, micro_batch_size=3)
+
+
 def test_an_int8_client_trains_through_its_frozen_int8_weights(tiny):
     import torch
 
