@@ -199,10 +199,13 @@ def _device_costs(results: dict[str, Any]) -> list[str]:
 
 def _verdict(results: dict[str, Any]) -> list[str]:
     missed = [name for name, t in results["targets"].items() if not t["met"]]
+    unequal = [f"- **{name}: round(s) {', '.join(map(str, c['failed_rounds']))} failed** (no update accepted; see its "
+               "metrics.jsonl): it trained fewer rounds than the recipe says, so the comparison is not like for like."
+               for name, c in results["costs"].items() if isinstance(c, dict) and c.get("failed_rounds")]
     if not missed:
-        return ["## Verdict", "", "Every target is met on this run."]
+        return ["## Verdict", "", "Every target is met on this run.", *([""] + unequal if unequal else [])]
     return ["## Verdict", "", f"Missed: {', '.join(missed)}. The evaluation was not changed to pass.", "",
-            *[f"- {line}" for line in why(results, missed)]]
+            *unequal, *[f"- {line}" for line in why(results, missed)]]
 
 
 def _samples(results: dict[str, Any]) -> list[str]:

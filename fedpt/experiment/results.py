@@ -119,7 +119,9 @@ def costs_of(federation_folder: Path) -> dict[str, Any]:
         "bytes_total": float(sum(c["bytes_down"] + c["bytes_up"] for c in clients)),
         "server_seconds_per_round": float(np.mean([r["seconds"] for r in rounds])),
         "heldout_nll_per_round": [r["global"]["nll"] for r in rows],
-        "train_loss_per_round": [float(np.mean([c["train_loss"] for c in r["clients"]])) for r in rounds],
+        "train_loss_per_round": [float(np.mean([c["train_loss"] for c in r["clients"]])) if r["clients"]
+                                 else math.nan for r in rounds],
+        "failed_rounds": [r["round"] for r in rounds if r.get("failed")],  # no update accepted: the model stayed
         **({"privacy": rounds[-1]["privacy"]} if rounds and "privacy" in rounds[-1] else {}),
     }
 

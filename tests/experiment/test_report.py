@@ -74,3 +74,7 @@ def test_a_real_task_gets_its_targets_its_reasons_and_a_plot_panel(tmp_path):
     assert "| gsm_direct_beats_large_base | 0.250" in report
     assert "- gsm: pass@1 large base 0.250, FedPT: fusion chosen on validation 0.300" in report
     assert (tmp_path / "metrics.png").stat().st_size > 1000
+    assert "failed**" not in report
+    results["costs"]["direct"]["failed_rounds"] = [2, 3]
+    write_report(results, tmp_path)
+    assert "- **direct: round(s) 2, 3 failed** (no update accepted" in (tmp_path / "report.md").read_text()

@@ -28,8 +28,12 @@ def test_costs_and_targets_from_metrics(tmp_path):
         rows = [{"round": 0, "global": {"nll": 3.0}, "clients": []}] + [
             {"round": r, "seconds": 5.0, "global": {"nll": 3.0 - r}, "clients": [client(0, scale), client(1, scale)]}
             for r in (1, 2)]
+        if name == "direct":  # a round whose every client was rejected: the model stayed
+            rows.append({"round": 3, "seconds": 5.0, "global": {"nll": 1.0}, "clients": [], "failed": "0 accepted"})
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fedpt, direct = res.costs_of(tmp_path / "fedpt"), res.costs_of(tmp_path / "direct")
+    assert fedpt["failed_rounds"] == [] and direct["failed_rounds"] == [3]
+    assert np.isnan(direct["train_loss_per_round"][2])
     assert fedpt["client_rounds"] == 4 and fedpt["bytes_total"] == 800 and fedpt["heldout_nll_per_round"] == [3, 2, 1]
     assert fedpt["peak_memory_bytes"] == 1e9 + 1
     ratio = res.cost_ratios(fedpt, direct)
