@@ -95,6 +95,9 @@ class Federation:
         nodes = {pid: node for pid, (node, _) in discovered.items()}
         sizes = {pid: examples for pid, (_, examples) in discovered.items()}
         self.folder.claim(config, start)
+        if start:
+            self.console.print(f"resuming after round {start} of {fed.rounds} ({self.folder.round_dir(start)})",
+                               soft_wrap=True)
         if self.folder.note:
             self._warn(self.folder.note)
         if self.privacy and start:  # what the rounds kept so far have spent

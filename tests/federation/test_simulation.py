@@ -32,7 +32,7 @@ def test_simulation_three_clients_two_rounds(tiny, tiny_run, tmp_path):
         simulate(tiny_run(tmp_path / "run"))
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_run, tmp_path):
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_run, tmp_path, capsys):
     extra = {"federation": {"clients": 3, "rounds": 3, "eval_examples": 4, "client_cpus": 1, "fraction": 0.67,
                             "strategy": "fedadam", "server_lr": 0.01}}
     simulate(tiny_run(tmp_path / "whole", **extra))
@@ -48,7 +48,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_run, tmp_path):
     with pytest.raises(Killed):
         simulate(tiny_run(tmp_path / "killed", **extra), after_round=kill_in_round_2)
     assert [r["round"] for r in read_metrics(tmp_path / "killed")] == [0, 1]
+    capsys.readouterr()
     simulate(tiny_run(tmp_path / "killed", **extra), resume=True)
+    assert f"resuming after round 1 of 3 ({tmp_path / 'killed' / 'round-1'})" in capsys.readouterr().err
     whole = dict(np.load(tmp_path / "whole" / "round-3" / "state.npz"))
     resumed = dict(np.load(tmp_path / "killed" / "round-3" / "state.npz"))
     assert whole.keys() == resumed.keys()
