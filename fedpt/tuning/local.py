@@ -153,14 +153,10 @@ def batch_loss(model: torch.nn.Module, ids: Tensor, mask: Tensor, labels: Tensor
     """Backpropagate the batch's mean answer-token loss, `micro_batch_size` rows at a time (0: all at once), and
     return it: each part's summed loss over the whole batch's answer-token count, so the gradients add up to the
     whole batch's while only one part's activations are alive."""
-    if not micro_batch_size or micro_batch_size >= len(ids):
-        loss = answer_loss(model, ids, mask, labels)
-        loss.backward()
-        return loss.item()
-    count = int((labels[:, 1:] != -100).sum())
+    size, count = micro_batch_size or len(ids), int((labels[:, 1:] != -100).sum())
     total = 0.0
-    for start in range(0, len(ids), micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
+    for start in range(0, len(ids), size):
+        rows = slice(start, start + size)
         part = answer_loss(model, ids[rows], mask[rows], labels[rows], reduction="sum") / count
         part.backward()
         total += part.item()
