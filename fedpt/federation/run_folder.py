@@ -85,11 +85,13 @@ class RunFolder:
 
     def claim(self, config: RunConfig, start: int) -> None:
         """Write the config, and cut metrics.jsonl back to round `start` (after everything is validated); a row
-        of a kept round that a crash tore away is restored from the copy its round.json holds."""
+        of a kept round that a crash tore away is restored from the copy its round.json holds. At start 0 nothing
+        is kept: the server scores round 0 again."""
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomic(self.out / CONFIG, json.dumps(config.to_dict(), indent=2, sort_keys=True))
         if (self.out / METRICS).is_file():
-            rows = {r["round"]: r for r in read_metrics(self.out, drop_torn_tail=True) if r["round"] <= start}
+            kept = read_metrics(self.out, drop_torn_tail=True) if start else []
+            rows = {r["round"]: r for r in kept if r["round"] <= start}
             for server_round in range(1, start + 1):
                 if server_round not in rows:
                     kept = self._recorded_row(server_round)

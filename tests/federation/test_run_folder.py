@@ -58,6 +58,15 @@ def test_a_run_resumes_after_its_last_completed_round(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == run.to_dict()
 
 
+def test_a_run_killed_before_its_first_round_resumes_without_a_second_round_0(tmp_path):
+    run = cfg.load(None, [], out=str(tmp_path))
+    folder = RunFolder(tmp_path)
+    begin(folder, run, resume=False)
+    folder.append_metrics({"round": 0, "global": {"nll": 2.0}})  # then killed during round 1
+    assert begin(RunFolder(tmp_path), run, resume=True) == 0
+    assert read_metrics(tmp_path) == []  # the server scores round 0 again: one row, not two
+
+
 def test_resume_needs_a_run_and_metrics_need_a_folder(tmp_path):
     with pytest.raises(FedptError, match="nothing to resume"):
         begin(RunFolder(tmp_path), cfg.RunConfig(), resume=True)
