@@ -192,6 +192,8 @@ def evaluate(
     out: Annotated[Path, option("Task", "folder for samples.jsonl (an interrupted run resumes) and results.json")
                    ] = Path("runs/evaluate"),
     limit: Annotated[int | None, option("Task", "the first N problems only")] = None,
+    split: Annotated[str, option("Task", "test, or validation (codeio, gsm): choose a recipe there, never on test")
+                     ] = "test",
     n: Annotated[int, option("Task", "samples per problem (pass@k needs n >= k and a temperature)")] = 1,
     timeout: Annotated[float, option("Task", "seconds a sample's program may run")] = 10.0,
     max_new_tokens: Annotated[int, option("Decoding", "tokens to generate at most per answer")] = 384,
@@ -215,7 +217,7 @@ def evaluate(
     lm = spec.open(say=_to_stderr)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         results = run(lm, task, out, sampling=sampling, n=n, limit=limit, chat=not raw, max_batch=batch_size,
-                      timeout=timeout, progress=progress)
+                      timeout=timeout, progress=progress, split=split)
     for name, score in results["scores"].items():
         interval = score.get("interval_95")
         print(f"{task} {name}: {score['value']:.3f}" + (f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})"

@@ -80,8 +80,10 @@ def split(name: str, test_percent: int = 10, validation_percent: int = 10) -> li
     return chosen
 
 
-def problems(limit: int | None = None, test_percent: int = 10, validation_percent: int = 10) -> list[Problem]:
-    return split("test", test_percent, validation_percent)[:limit]
+def problems(limit: int | None = None, test_percent: int = 10, validation_percent: int = 10,
+             name: str = "test") -> list[Problem]:
+    """The held-out tasks of the test split, or of the validation split (where a recipe is chosen)."""
+    return split(name, test_percent, validation_percent)[:limit]
 
 
 def prompt(problem: Problem, chat: bool = True) -> str:

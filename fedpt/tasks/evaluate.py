@@ -32,23 +32,27 @@ SAMPLES, RESULTS = "samples.jsonl", "results.json"
 
 def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling, n: int = 1,
              limit: int | None = None, chat: bool = True, max_batch: int = 8, timeout: float = 10.0,
-             progress: Any = None, splits: tuple[int, int] = (10, 10)) -> dict[str, Any]:
+             progress: Any = None, splits: tuple[int, int] = (10, 10), split: str = "test") -> dict[str, Any]:
     """Generate `n` samples per problem (sample i seeded with sampling.seed + i), judge each as it completes, and
     write the results; samples already in OUT/samples.jsonl are kept, not redone. `splits`: the data's test and
-    validation percents, which fix CodeI/O's and math's test problems (HumanEval is all test)."""
+    validation percents, which fix CodeI/O's and math's test problems (HumanEval is all test); `split`: test, or
+    validation, where a recipe is chosen."""
     if task_name not in TASKS:
         raise FedptError(f"unknown task '{task_name}'; known: {', '.join(TASKS)}")
     if n < 1 or (limit is not None and limit < 1):
         raise FedptError(f"n and limit must be at least 1, got {n} and {limit}")
     if n > 1 and sampling.temperature == 0:
         raise FedptError("n > 1 samples of greedy decoding are all the same answer: set a temperature > 0")
+    if split not in ("test", "validation"):
+        raise FedptError(f"unknown split '{split}'; known: test, validation")
     source = TASKS[task_name]
-    problems = source.problems(limit, *splits)
+    problems = source.problems(limit, *splits, split)
     out.mkdir(parents=True, exist_ok=True)
     done = _read_samples(out / SAMPLES)
-    known = {p.id for p in source.problems(None, *splits)} if done else set()
+    known = {p.id for p in source.problems(None, *splits, split)} if done else set()
     if any(task_id not in known for task_id, _ in done):
-        raise FedptError(f"{out / SAMPLES} holds samples of another task than {task_name}; pick another --out")
+        raise FedptError(f"{out / SAMPLES} holds samples of another task or split than {task_name}'s {split}; "
+                         "pick another --out")
     started = time.perf_counter()
     with task(progress, f"{task_name}: {lm.name}", len(problems) * n) as advance, \
             open(out / SAMPLES, "a", encoding="utf-8") as samples:
@@ -67,6 +71,7 @@ def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling
                 done[(problem.id, i)] = row
                 advance(1)
     results = summarize(task_name, lm.name, problems, done, n, chat, time.perf_counter() - started)
+    results["split"] = split
     write_atomic(out / RESULTS, json.dumps(results, indent=2))
     return results
 

