@@ -130,8 +130,12 @@ def _tasks(results: dict[str, Any]) -> list[str]:
         kinds = [f"{NAMES[k]}: " + ", ".join(f"{n.removeprefix('pass@1 ')} {_fmt(v['value'])}"
                                             for n, v in models[k]["tasks"][task].items() if n.endswith("templates"))
                  for k in ("large_base", "fedpt_best", "large_direct") if task in models[k].get("tasks", {})]
+        unanswered = [f"{NAMES[k]} {_fmt(models[k]['tasks'][task]['no final number']['value'])}" for k in ORDER
+                      if k in models and "no final number" in models[k].get("tasks", {}).get(task, {})]
         lines += ["", f"Problems: {next(iter(gaps.values()), {}).get('problems', '-')}. "
-                  + (f"By template: {'; '.join(kinds)}." if any("templates" in k for k in kinds) else ""), ""]
+                  + (f"By template: {'; '.join(kinds)}." if any("templates" in k for k in kinds) else "")
+                  + (" Share of answers without a final number (cut at experiment.task_max_tokens, or never "
+                     f"written), judged wrong: {', '.join(unanswered)}." if unanswered else ""), ""]
     return lines
 
 

@@ -89,6 +89,9 @@ def summarize(task_name: str, model: str, problems: list, done: dict, n: int, ch
             if part:
                 scores[f"pass@1 {'seen' if kind else 'unseen'} templates"] = {"value": sum(part) / len(part),
                                                                              "problems": len(part)}
+        # cut at the token limit before the end, or never written: a verbose model loses here, not on arithmetic
+        unanswered = sum(not done[(p.id, i)]["completion"] for p in problems for i in range(n))
+        scores["no final number"] = {"value": unanswered / (len(problems) * n), "samples": unanswered}
     if n > 1:
         scores[f"pass@{n}"] = {"value": sum(pass_at_k(n, c, n) for c in passes) / len(passes)}
     return {"task": task_name, "model": model, "problems": len(problems), "samples_per_problem": n,

@@ -65,7 +65,9 @@ def test_a_real_task_gets_its_targets_its_reasons_and_a_plot_panel(tmp_path):
     for name, solved in (("large_base", 10), ("fedpt_best", 12), ("large_direct", 20)):
         passed = {f"p{i}": i < solved for i in range(40)}
         results["models"][name]["tasks"] = {"gsm": {"pass@1": {"value": solved / 40, "interval_95": [0.1, 0.6]},
-                                                    "problems": 40, "passed": passed}}
+                                                    "problems": 40, "passed": passed,
+                                                    "no final number": {"value": 0.5 if name == "large_base" else 0,
+                                                                        "samples": 20}}}
     results["gap_closed_task"] = {"gsm": res.task_gaps(results["models"], "gsm")}
     results["targets"].update(res.task_targets(results["models"], results["gap_closed_task"]))
     write_report(results, tmp_path)
@@ -73,6 +75,8 @@ def test_a_real_task_gets_its_targets_its_reasons_and_a_plot_panel(tmp_path):
     assert "| gsm_gap_closed_at_least_0.8 | 0.200 (95%: " in report
     assert "| gsm_direct_beats_large_base | 0.250" in report
     assert "- gsm: pass@1 large base 0.250, FedPT: fusion chosen on validation 0.300" in report
+    assert "without a final number (cut at experiment.task_max_tokens, or never written), judged wrong: " \
+           "large base 0.500," in report
     assert (tmp_path / "metrics.png").stat().st_size > 1000
     assert "failed**" not in report
     results["costs"]["direct"]["failed_rounds"] = [2, 3]

@@ -83,6 +83,7 @@ def test_evaluate_on_math_reports_seen_and_unseen_templates_and_refuses_another_
     assert results["problems"] == 6 and results["scores"]["pass@1"]["value"] == 0.0
     kinds = [results["scores"].get(f"pass@1 {k} templates", {}).get("problems", 0) for k in ("seen", "unseen")]
     assert sum(kinds) == 6
+    assert results["scores"]["no final number"] == {"value": 1.0, "samples": 6}  # 4 tokens never reach "#### N"
     with pytest.raises(FedptError, match="holds samples of another task or split than humaneval's test"):
         evaluate(lm, "humaneval", tmp_path, sampling=Sampling(max_tokens=4), limit=2)
     with pytest.raises(FedptError, match="another task or split than gsm's validation"):
