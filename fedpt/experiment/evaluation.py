@@ -1,11 +1,12 @@
 """Scoring the experiment's models on the held-out splits: the fusion grid on validation and test (each model run
-once), the choice made on validation, single models on test, and greedy answers."""
+once), the choice made on validation, single models on test, and greedy answers. Every score is kept in the
+experiment's folder as it is made (OUT/scores/*.json, OUT/tasks/), so a resumed evaluation goes on from there."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 from fedpt.config import ExperimentConfig, RunConfig
 from fedpt.data import Example
 from fedpt.decoding import Sampling, generate
+from fedpt.files import write_atomic
 from fedpt.models import LanguageModel
 from fedpt.proxy import ExpertPair, Fusion
 from fedpt.scoring import (
@@ -64,20 +66,41 @@ class Evaluation:
         self.options = sorted({e.response for e in test + validation}) if self.experiment.metric == "choice" else []
         self.rows: dict[str, dict[str, Any]] = {}
 
+    def kept(self, key: str, compute: Callable[[], dict]) -> dict:
+        """OUT/scores/KEY.json if an earlier run of this experiment made it (the folder holds one config), else
+        computed and kept there."""
+        if self.out is None:
+            return compute()
+        path = self.out / "scores" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        found = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(found, indent=1))
+        return found
+
     def score(self, name: str, lm: LanguageModel) -> None:
         """NLL (and accuracy over the options) of one LanguageModel on the test split."""
-        row = self.rows.setdefault(name, {})
-        row.update(summarize(response_logprobs(lm, self.test, max_length=self.max_length, progress=self.progress)))
+        self.rows.setdefault(name, {}).update(self.kept(name, lambda: self._score(lm)))
+
+    def _score(self, lm: LanguageModel) -> dict[str, float]:
+        row = summarize(response_logprobs(lm, self.test, max_length=self.max_length, progress=self.progress))
         if self.options:
             scores = response_logprobs(lm, option_examples(self.test, self.options), max_length=self.max_length,
                                        progress=self.progress)
             row["accuracy"] = choice_accuracy(scores, self.test, self.options)
+        return row
 
-    def score_fusions(self, large: LanguageModel, expert: ExpertPair, fusions: list[Fusion]) -> dict[str, dict]:
-        """The large base, the small pair and every fusion, on validation and test, each model run once.
+    def score_fusions(self, key: str, large: LanguageModel, expert: ExpertPair,
+                      fusions: list[Fusion]) -> dict[str, dict]:
+        """The large base, the small pair and every fusion, on validation and test, each model run once; kept as
+        OUT/scores/KEY.json.
 
         Keys: "large", "small_base", "small_tuned" and each fusion's label; values {"validation": ..., "test": ...}.
         """
+        return self.kept(key, lambda: self._score_fusions(large, expert, fusions))
+
+    def _score_fusions(self, large: LanguageModel, expert: ExpertPair, fusions: list[Fusion]) -> dict[str, dict]:
         found: dict[str, dict] = {}
         for split, examples in (("validation", self.validation), ("test", self.test)):
             scores = fusion_logprobs(large, expert, examples, fusions, max_length=self.max_length,

@@ -177,7 +177,7 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progre
     large = spec.open_large()
 
     expert = ModelSpec.from_config(config.model, adapter=trained.fedpt).open_expert()
-    grid = ev.score_fusions(large, expert, fusions)
+    grid = ev.score_fusions("fusion-grid", large, expert, fusions)
     chosen = choose(grid, fusions)
     chosen_fusion = next(f for f in fusions if f.label == chosen["overall"])
     for name, key in [("small_base", "small_base"), ("small_fedpt", "small_tuned"), ("large_base", "large"),
@@ -196,7 +196,7 @@ def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progre
 
     if trained.distill is not None:
         expert = ModelSpec.from_config(config.model, adapter=trained.distill).open_expert()
-        distilled = ev.score_fusions(large, expert, [published, chosen_fusion])
+        distilled = ev.score_fusions("fusion-grid-distill", large, expert, [published, chosen_fusion])
         rows["small_fedpt_distill"] = distilled["small_tuned"]["test"]
         rows["fedpt_distill_proxy"] = {**distilled[published.label]["test"], "fusion": published.label}
         rows["fedpt_distill_best"] = {**distilled[chosen_fusion.label]["test"], "fusion": chosen_fusion.label}

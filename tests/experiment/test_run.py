@@ -40,11 +40,15 @@ def check_results(results, folder):
         assert (folder / name).is_file()
 
 
-def test_experiment_end_to_end_on_tiny_models(tiny_run, qa_file, tmp_path):
+def test_experiment_end_to_end_on_tiny_models(tiny_run, qa_file, tmp_path, monkeypatch):
+    from fedpt.experiment import evaluation
+
     run = experiment_config(tiny_run, qa_file, tmp_path)
     results = run_experiment(run, tmp_path / "exp", command="test")
     check_results(results, tmp_path / "exp")
-    # a second call reuses every trained stage
+    # a second call reuses every trained stage and every score made (a resumed evaluation scores nothing again)
+    for scorer in ("response_logprobs", "fusion_logprobs"):
+        monkeypatch.setattr(evaluation, scorer, lambda *a, **k: pytest.fail("scored again"))
     again = run_experiment(run, tmp_path / "exp", command="test")
     assert again["models"]["fedpt_best"]["nll"] == pytest.approx(results["models"]["fedpt_best"]["nll"], abs=1e-6)
 
