@@ -90,8 +90,8 @@ class RunFolder:
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomic(self.out / CONFIG, json.dumps(config.to_dict(), indent=2, sort_keys=True))
         if (self.out / METRICS).is_file():
-            kept = read_metrics(self.out, drop_torn_tail=True) if start else []
-            rows = {r["round"]: r for r in kept if r["round"] <= start}
+            earlier = read_metrics(self.out, drop_torn_tail=True) if start else []
+            rows = {r["round"]: r for r in earlier if r["round"] <= start}
             for server_round in range(1, start + 1):
                 if server_round not in rows:
                     kept = self._recorded_row(server_round)

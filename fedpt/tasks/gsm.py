@@ -87,10 +87,10 @@ def problems(limit: int | None = None, test_percent: int = 10, validation_percen
     """The test split (seen templates' held-out instances, then the unseen templates), or the validation split
     (seen templates only: a recipe is chosen there); with `limit`, a fixed random sample of it (in the same
     order), so that a short run still measures both kinds."""
-    test = split(name, test_percent, validation_percent)
-    if limit is None or limit >= len(test):
-        return test
-    return sorted(Random(0).sample(test, limit), key=test.index)
+    chosen = split(name, test_percent, validation_percent)
+    if limit is None or limit >= len(chosen):
+        return chosen
+    return sorted(Random(0).sample(chosen, limit), key=chosen.index)
 
 
 def prompt(problem: Problem, chat: bool) -> str:
