@@ -47,7 +47,7 @@ def test_generate_answers_json_under_a_schema_file(cli, tiny, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "x", "--small", "S"], "--small and --adapter go together"),
+        (["--prompt", "x", "--small", "S"], "--small proxy-tunes the large with its tuned version"),
         ([], "exactly one of --prompt or --prompts-file"),
         (["--prompts-file", "/nonexistent/p.txt"], "prompts file /nonexistent/p.txt does not exist"),
         (["--prompt", "x", "--max-new-tokens", 0], "max_new_tokens must be at least 1"),

@@ -11,6 +11,7 @@ import fedpt
 from fedpt.decoding import Sampling, generate
 from fedpt.errors import FedptError
 from fedpt.models import HFCausalLM
+from fedpt.models.interface import pad_left
 from fedpt.proxy import Fusion, ProxyTunedLM, load_expert
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -54,8 +55,20 @@ def test_load_composes_what_the_pieces_give(tiny, tiny_adapter):
     assert isinstance(alone.lm, HFCausalLM)
 
 
+def test_an_adapter_without_a_small_model_is_that_model_tuned_alone(tiny, tiny_adapter):
+    """A federated model judged by itself (the small one, or the large one federated directly), no proxy."""
+    tuned = fedpt.load(large=str(tiny["small"]), adapter=tiny_adapter, dtype="float32", device="cpu")
+    by_hand = load_expert(tiny["small"], tiny_adapter, dtype="float32").tuned
+    base = HFCausalLM.load(tiny["small"], dtype="float32")
+    ids, mask = pad_left([[5, 9, 11, 3], [7, 2]], pad_id=0)
+    next_token = tuned.lm.start(ids, mask)[0]
+    assert torch.allclose(next_token, by_hand.start(ids, mask)[0], atol=1e-5)
+    assert not torch.allclose(next_token, base.start(ids, mask)[0], atol=1e-4)  # the adapter is on
+
+
 @pytest.mark.parametrize("fields, message", [
-    ({"large": "x", "small": "y"}, "small and adapter go together"),
+    ({"large": "x", "small": "y"}, "give adapter too"),
+    ({"large": "http://host:8000/v1", "adapter": "a"}, "is a server: give small"),
     ({"large": "x", "fusion": Fusion(alpha=2)}, "a fusion steers"),
     ({"large": ""}, "needs a large model"),
     ({"large": "x", "backend": "onnx"}, "backend must be one of transformers, llama.cpp"),

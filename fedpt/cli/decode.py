@@ -34,7 +34,8 @@ def model_spec(
                                                "server URL (http://HOST:PORT/v1) answering /v1/completions with "
                                                "logprobs")] = None,
     small: Annotated[str | None, option(MODEL, "small base model (with --adapter): proxy-tune the large")] = None,
-    adapter: Annotated[Path | None, option(MODEL, "tuned small: LoRA adapter folder or full model folder")] = None,
+    adapter: Annotated[Path | None, option(MODEL, "tuned small: LoRA adapter folder or full model folder (without "
+                                                  "--small: --large's own tuning, run alone)")] = None,
     experiment: Annotated[Path | None, option(MODEL, "an experiment folder: its models, its FedPT adapter and the "
                                                      "fusion it chose on validation (results.json)")] = None,
     backend: Annotated[str, option(MODEL, "what runs local models: transformers, or llama.cpp from their GGUF files "
@@ -76,8 +77,8 @@ def model_spec(
         return spec_from_experiment(experiment, large=large, small=small, adapter=adapter, **common)
     if large is None:
         raise FedptError("give --large (or --experiment)")
-    if (small is None) != (adapter is None):
-        raise FedptError("--small and --adapter go together: the small base model and its tuned version")
+    if small is not None and adapter is None:
+        raise FedptError("--small proxy-tunes the large with its tuned version: give --adapter too")
     if small is None and steering:
         raise FedptError("--alpha, --weight and --dynamic steer with a small pair: give --small and --adapter")
     fusion = Fusion(alpha=1.0 if alpha is None else alpha, weight=weight or 0.0, dynamic=dynamic) if small else None

@@ -23,7 +23,8 @@ from fedpt.proxy.pair import ExpertPair, load_expert
 class ModelSpec:
     large: str  # a registered name, a local HF folder, a GGUF file or gguf:NAME, or a server URL
     small: str | None = None  # the small base model; with `adapter`, it proxy-tunes the large
-    adapter: str | Path | None = None  # the tuned small: a LoRA adapter folder or a fully fine-tuned model folder
+    adapter: str | Path | None = None  # the tuned small: a LoRA adapter folder or a fully fine-tuned model folder;
+    # without `small`, the large model's own tuning, run alone (a federated model judged without a proxy)
     fusion: Fusion | None = None  # how the three combine (default: alpha 1)
     dtype: str = "auto"
     device: str = "auto"
@@ -41,8 +42,11 @@ class ModelSpec:
             raise FedptError("a model spec needs a large model")
         if self.backend not in BACKENDS:
             raise FedptError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
-        if (self.small is None) != (self.adapter is None):
-            raise FedptError("small and adapter go together: the small base model and its tuned version")
+        if self.small is not None and self.adapter is None:
+            raise FedptError("a small model proxy-tunes the large with its tuned version: give adapter too")
+        if self.small is None and self.adapter is not None and self.large.startswith(("http://", "https://")):
+            raise FedptError(f"an adapter alone tunes a local model, and {self.large} is a server: give small (the "
+                             "adapter's base) to proxy-tune it")
         if self.small is None and self.fusion is not None:
             raise FedptError("a fusion steers the large model with a small pair: give small and adapter")
         low, high = ALPHA_RANGE
@@ -92,11 +96,13 @@ class ModelSpec:
 
         say = say or (lambda message: None)
         start = time.monotonic()
-        say(f"loading the large model {_described(self.large, self.backend)} ...")
-        large = self.open_large()
+        say(f"loading the large model {_described(self.large, self.backend)}"
+            + (f" tuned by {self.adapter} ..." if self.small is None and self.adapter is not None else " ..."))
         if self.small is None:
+            lm = self.open_large() if self.adapter is None else self.open_tuned(self.large, self.adapter, spread=True)
             say(f"loaded in {time.monotonic() - start:.0f} s")
-            return large
+            return lm
+        large = self.open_large()
         say(f"loading the small pair {_described(self.small, self.backend)} with {self.adapter} ...")
         lm = ProxyTunedLM(large, self.open_expert(), fusion=self.fusion or Fusion(alpha=1.0))
         say(f"loaded in {time.monotonic() - start:.0f} s")

@@ -74,6 +74,11 @@ def test_fedpt_evaluate_on_the_command_line(cli, tiny, tiny_adapter, tmp_path):
     assert code == 0, err
     assert "humaneval pass@1: 0.000 (95% interval 0.000-0.000), 2 problems" in out
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    # a federated model judged alone: the adapter without --small tunes --large itself
+    code, out, err = cli("evaluate", "--large", tiny["small"], "--adapter", tiny_adapter, "--dtype", "float32",
+                         "--limit", 1, "--max-new-tokens", 4, "--out", tmp_path / "alone")
+    assert code == 0, err
+    assert f"tuned by {tiny_adapter}" in err and "1 problems" in out
 
 
 def test_evaluate_on_math_reports_seen_and_unseen_templates_and_refuses_another_tasks_samples(tiny, tmp_path):
