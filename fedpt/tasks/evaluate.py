@@ -98,6 +98,31 @@ def summarize(task_name: str, model: str, problems: list, done: dict, n: int, ch
             "mode": "chat" if chat else "raw", "scores": scores, "seconds_this_run": seconds}
 
 
+def paired(first: Path, second: Path) -> dict[str, Any]:
+    """Two evaluations (OUT folders) on the problems both judged, sample 0: each one's pass@1 there and the
+    paired difference first - second with its bootstrap 95% interval; how a recipe is chosen on validation."""
+    runs = []
+    for folder in (first, second):
+        results = folder / RESULTS
+        if not results.is_file():
+            raise FedptError(f"{folder} has no {RESULTS}: not a finished `fedpt evaluate`")
+        verdicts = {task_id: bool(row["passed"]) for (task_id, i), row in _read_samples(folder / SAMPLES).items()
+                    if i == 0}
+        runs.append((json.loads(results.read_text()), verdicts))
+    (one, a), (two, b) = runs
+    if (one["task"], one.get("split")) != (two["task"], two.get("split")):
+        raise FedptError(f"{first} judged {one['task']} ({one.get('split')}), {second} {two['task']} "
+                         f"({two.get('split')}): compare evaluations of the same task and split")
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise FedptError(f"{first} and {second} judged no problem in common")
+    gain, low, high = bootstrap_interval([a[i] for i in common], other=[b[i] for i in common])
+    return {"task": one["task"], "split": one.get("split"), "problems": len(common),
+            "first": {"model": one["model"], "pass@1": sum(a[i] for i in common) / len(common)},
+            "second": {"model": two["model"], "pass@1": sum(b[i] for i in common) / len(common)},
+            "difference": {"value": gain, "interval_95": [low, high], "beyond_interval": bool(low > 0 or high < 0)}}
+
+
 def _read_samples(path: Path) -> dict[tuple[str, int], dict]:
     """(task_id, sample) -> row of the samples already judged; a last line cut short by a crash is dropped."""
     if not path.is_file():

@@ -2,6 +2,7 @@
 its own harness), and `fedpt evaluate` on tiny models: samples written as they are judged, a resumed run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,27 @@ def test_a_recipe_is_judged_on_the_validation_split_and_humaneval_has_none(tiny,
         evaluate(lm, "humaneval", tmp_path / "he", sampling=Sampling(max_tokens=2), split="validation")
     with pytest.raises(FedptError, match="unknown split 'train'"):
         evaluate(lm, "gsm", tmp_path / "x", sampling=Sampling(max_tokens=2), split="train")
+
+
+def test_two_evaluations_are_compared_paired_on_the_problems_both_judged(tmp_path):
+    from fedpt.tasks.evaluate import paired
+
+    def finished(name: str, passed: list[bool], task: str = "gsm") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "samples.jsonl").write_text("".join(json.dumps({"task_id": f"gsm/1/{i}", "sample": 0, "passed": p})
+                                                      + "\n" for i, p in enumerate(passed)))
+        (folder / "results.json").write_text(json.dumps({"task": task, "model": name, "split": "validation"}))
+        return folder
+
+    better = finished("better", [True] * 30 + [False] * 10 + [True])  # one problem the other never judged
+    worse = finished("worse", [True] * 10 + [False] * 30)
+    found = paired(better, worse)
+    assert found["problems"] == 40 and found["first"]["pass@1"] == 0.75 and found["second"]["pass@1"] == 0.25
+    assert found["difference"]["value"] == pytest.approx(0.5) and found["difference"]["beyond_interval"]
+    same = paired(better, better)
+    assert same["difference"]["value"] == 0 and not same["difference"]["beyond_interval"]
+    with pytest.raises(FedptError, match="compare evaluations of the same task and split"):
+        paired(better, finished("code", [True], task="codeio"))
+    with pytest.raises(FedptError, match="not a finished `fedpt evaluate`"):
+        paired(better, tmp_path)
