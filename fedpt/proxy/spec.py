@@ -15,6 +15,7 @@ from fedpt.config import BACKENDS, ModelConfig
 from fedpt.errors import FedptError
 from fedpt.models import LanguageModel
 from fedpt.models.base_record import check_base
+from fedpt.models.remote import is_url
 from fedpt.proxy.fusion import ALPHA_RANGE, Fusion
 from fedpt.proxy.pair import ExpertPair, load_expert
 
@@ -44,7 +45,7 @@ class ModelSpec:
             raise FedptError(f"backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if self.small is not None and self.adapter is None:
             raise FedptError("a small model proxy-tunes the large with its tuned version: give adapter too")
-        if self.small is None and self.adapter is not None and self.large.startswith(("http://", "https://")):
+        if self.small is None and self.adapter is not None and is_url(self.large):
             raise FedptError(f"an adapter alone tunes a local model, and {self.large} is a server: give small (the "
                              "adapter's base) to proxy-tune it")
         if self.small is None and self.fusion is not None:
@@ -114,7 +115,7 @@ def _described(model: str, backend: str) -> str:
     from fedpt.models.loading import gguf_of
     from fedpt.models.store import REGISTRY, is_prepared, resolve
 
-    if model.startswith(("http://", "https://")):
+    if is_url(model):
         return f"at {model} (a server)"
     if model in REGISTRY and not is_prepared(model):
         return f"{model} ({backend}; unpacked from its wheels first)"
