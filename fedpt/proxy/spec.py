@@ -97,10 +97,11 @@ class ModelSpec:
 
         say = say or (lambda message: None)
         start = time.monotonic()
+        own = self.adapter if self.small is None else None  # the large model's own tuning, run alone
         say(f"loading the large model {_described(self.large, self.backend)}"
-            + (f" tuned by {self.adapter} ..." if self.small is None and self.adapter is not None else " ..."))
+            + (f" tuned by {own}" if own is not None else "") + " ...")
         if self.small is None:
-            lm = self.open_large() if self.adapter is None else self.open_tuned(self.large, self.adapter, spread=True)
+            lm = self.open_large() if own is None else self.open_tuned(self.large, own, spread=True)
             say(f"loaded in {time.monotonic() - start:.0f} s")
             return lm
         large = self.open_large()
