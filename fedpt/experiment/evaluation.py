@@ -130,7 +130,7 @@ class Evaluation:
     def task(self, name: str, lm: LanguageModel, task_name: str) -> None:
         """Greedy pass@1 (or exact match) on a real task, in OUT/tasks/TASK/MODEL (resumable), as `fedpt evaluate`
         writes it; the row keeps the score and each problem's verdict, for paired intervals."""
-        from fedpt.tasks.evaluate import evaluate
+        from fedpt.tasks.evaluate import evaluate, verdicts
 
         if self.out is None:
             raise ValueError("an Evaluation with tasks needs the experiment's folder")
@@ -138,11 +138,9 @@ class Evaluation:
         found = evaluate(lm, task_name, folder, sampling=Sampling(max_tokens=self.experiment.task_max_tokens),
                          limit=self.experiment.task_problems or None, progress=self.progress,
                          splits=(self.data.test_percent, self.data.validation_percent))
-        samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
-        verdicts = {row["task_id"]: bool(row["passed"]) for row in samples if row["sample"] == 0}
         row = self.rows.setdefault(name, {})
         row.setdefault("tasks", {})[task_name] = {**found["scores"], "problems": found["problems"],
-                                                  "passed": verdicts}
+                                                  "passed": verdicts(folder)}
 
     def rouge(self, name: str, lm: LanguageModel) -> None:
         """Greedy answers to the first test prompts: ROUGE-L, exact match, and seconds per generated token."""

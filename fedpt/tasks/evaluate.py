@@ -106,9 +106,7 @@ def paired(first: Path, second: Path) -> dict[str, Any]:
         results = folder / RESULTS
         if not results.is_file():
             raise FedptError(f"{folder} has no {RESULTS}: not a finished `fedpt evaluate`")
-        verdicts = {task_id: bool(row["passed"]) for (task_id, i), row in _read_samples(folder / SAMPLES).items()
-                    if i == 0}
-        runs.append((json.loads(results.read_text()), verdicts))
+        runs.append((json.loads(results.read_text()), verdicts(folder)))
     (one, a), (two, b) = runs
     if (one["task"], one.get("split")) != (two["task"], two.get("split")):
         raise FedptError(f"{first} judged {one['task']} ({one.get('split')}), {second} {two['task']} "
@@ -121,6 +119,11 @@ def paired(first: Path, second: Path) -> dict[str, Any]:
             "first": {"model": one["model"], "pass@1": sum(a[i] for i in common) / len(common)},
             "second": {"model": two["model"], "pass@1": sum(b[i] for i in common) / len(common)},
             "difference": {"value": gain, "interval_95": [low, high], "beyond_interval": bool(low > 0 or high < 0)}}
+
+
+def verdicts(folder: Path) -> dict[str, bool]:
+    """task_id -> whether sample 0 passed, for the problems an evaluation in `folder` judged (paired intervals)."""
+    return {task_id: bool(row["passed"]) for (task_id, i), row in _read_samples(folder / SAMPLES).items() if i == 0}
 
 
 def _read_samples(path: Path) -> dict[tuple[str, int], dict]:
