@@ -92,6 +92,8 @@ def summarize(task_name: str, model: str, problems: list, done: dict, n: int, ch
         # cut at the token limit before the end, or never written: a verbose model loses here, not on arithmetic
         unanswered = sum(not done[(p.id, i)]["completion"] for p in problems for i in range(n))
         scores["no final number"] = {"value": unanswered / (len(problems) * n), "samples": unanswered}
+        lengths = sorted(len(done[(p.id, i)]["answer"]) for p in problems for i in range(n))
+        scores["median answer characters"] = {"value": lengths[len(lengths) // 2]}
     if n > 1:
         scores[f"pass@{n}"] = {"value": sum(pass_at_k(n, c, n) for c in passes) / len(passes)}
     return {"task": task_name, "model": model, "problems": len(problems), "samples_per_problem": n,
@@ -106,24 +108,35 @@ def paired(first: Path, second: Path) -> dict[str, Any]:
         results = folder / RESULTS
         if not results.is_file():
             raise FedptError(f"{folder} has no {RESULTS}: not a finished `fedpt evaluate`")
-        runs.append((json.loads(results.read_text()), verdicts(folder)))
-    (one, a), (two, b) = runs
+        runs.append((json.loads(results.read_text()), verdicts(folder), _answered(folder)))
+    (one, a, said_a), (two, b, said_b) = runs
     if (one["task"], one.get("split")) != (two["task"], two.get("split")):
         raise FedptError(f"{first} judged {one['task']} ({one.get('split')}), {second} {two['task']} "
                          f"({two.get('split')}): compare evaluations of the same task and split")
     common = sorted(set(a) & set(b))
     if not common:
         raise FedptError(f"{first} and {second} judged no problem in common")
+    both = [i for i in common if i in said_a and i in said_b]
     gain, low, high = bootstrap_interval([a[i] for i in common], other=[b[i] for i in common])
     return {"task": one["task"], "split": one.get("split"), "problems": len(common),
             "first": {"model": one["model"], "pass@1": sum(a[i] for i in common) / len(common)},
             "second": {"model": two["model"], "pass@1": sum(b[i] for i in common) / len(common)},
-            "difference": {"value": gain, "interval_95": [low, high], "beyond_interval": bool(low > 0 or high < 0)}}
+            "difference": {"value": gain, "interval_95": [low, high], "beyond_interval": bool(low > 0 or high < 0)},
+            # where both wrote a final answer: a difference in reasoning, not in running out of tokens
+            "both_answered": {"problems": len(both), **({"first pass@1": sum(a[i] for i in both) / len(both),
+                                                         "second pass@1": sum(b[i] for i in both) / len(both)}
+                                                        if both else {})}}
 
 
 def verdicts(folder: Path) -> dict[str, bool]:
     """task_id -> whether sample 0 passed, for the problems an evaluation in `folder` judged (paired intervals)."""
     return {task_id: bool(row["passed"]) for (task_id, i), row in _read_samples(folder / SAMPLES).items() if i == 0}
+
+
+def _answered(folder: Path) -> set[str]:
+    """task_ids whose sample 0 has a completion: a final number (math) or code, not cut off before one."""
+    rows = _read_samples(folder / SAMPLES)
+    return {task_id for (task_id, i), row in rows.items() if i == 0 and row.get("completion")}
 
 
 def _read_samples(path: Path) -> dict[tuple[str, int], dict]:

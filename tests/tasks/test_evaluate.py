@@ -90,6 +90,7 @@ def test_evaluate_on_math_reports_seen_and_unseen_templates_and_refuses_another_
     kinds = [results["scores"].get(f"pass@1 {k} templates", {}).get("problems", 0) for k in ("seen", "unseen")]
     assert sum(kinds) == 6
     assert results["scores"]["no final number"] == {"value": 1.0, "samples": 6}  # 4 tokens never reach "#### N"
+    assert 0 < results["scores"]["median answer characters"]["value"] < 80
     with pytest.raises(FedptError, match="holds samples of another task or split than humaneval's test"):
         evaluate(lm, "humaneval", tmp_path, sampling=Sampling(max_tokens=4), limit=2)
     with pytest.raises(FedptError, match="another task or split than gsm's validation"):
@@ -114,19 +115,21 @@ def test_a_recipe_is_judged_on_the_validation_split_and_humaneval_has_none(tiny,
 def test_two_evaluations_are_compared_paired_on_the_problems_both_judged(tmp_path):
     from fedpt.tasks.evaluate import paired
 
-    def finished(name: str, passed: list[bool], task: str = "gsm") -> Path:
+    def finished(name: str, passed: list[bool], task: str = "gsm", cut: int = 0) -> Path:
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "samples.jsonl").write_text("".join(json.dumps({"task_id": f"gsm/1/{i}", "sample": 0, "passed": p})
-                                                      + "\n" for i, p in enumerate(passed)))
+        (folder / "samples.jsonl").write_text("".join(
+            json.dumps({"task_id": f"gsm/1/{i}", "sample": 0, "passed": p, "completion": "" if i < cut else "7"})
+            + "\n" for i, p in enumerate(passed)))
         (folder / "results.json").write_text(json.dumps({"task": task, "model": name, "split": "validation"}))
         return folder
 
     better = finished("better", [True] * 30 + [False] * 10 + [True])  # one problem the other never judged
-    worse = finished("worse", [True] * 10 + [False] * 30)
+    worse = finished("worse", [False] * 20 + [True] * 10 + [False] * 10, cut=20)  # the first 20 cut off
     found = paired(better, worse)
     assert found["problems"] == 40 and found["first"]["pass@1"] == 0.75 and found["second"]["pass@1"] == 0.25
     assert found["difference"]["value"] == pytest.approx(0.5) and found["difference"]["beyond_interval"]
+    assert found["both_answered"] == {"problems": 20, "first pass@1": 0.5, "second pass@1": 0.5}
     same = paired(better, better)
     assert same["difference"]["value"] == 0 and not same["difference"]["beyond_interval"]
     with pytest.raises(FedptError, match="compare evaluations of the same task and split"):
