@@ -184,3 +184,17 @@ def test_serve_refuses_a_port_in_use(cli, tiny):
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
     code, _, err = cli("serve", "--large", tiny["large"], "--port", 0)
     assert code == 2 and "--port must lie in 1..65535" in err
+
+
+def test_experiment_writes_where_its_config_says_unless_told_otherwise(cli, monkeypatch, tmp_path):
+    import fedpt.experiment.run
+
+    folders = []
+    monkeypatch.setattr(fedpt.experiment.run, "run_experiment",
+                        lambda run, out, command: folders.append((out, command)) or {"targets": {}})
+    config = tmp_path / "exp.toml"
+    config.write_text(f'out = "{tmp_path / "from-config"}"\n')
+    assert cli("experiment", "--config", config)[0] == 0
+    assert cli("experiment", "--config", config, "--out", tmp_path / "given")[0] == 0
+    assert [out for out, _ in folders] == [tmp_path / "from-config", tmp_path / "given"]
+    assert f"--out {tmp_path / 'from-config'}" in folders[0][1]  # the report's command says where it went

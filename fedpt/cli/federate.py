@@ -65,8 +65,8 @@ def train(
 @app.command()
 def experiment(
     config: Annotated[Path | None, typer.Option(help="experiment config (TOML)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder; an interrupted experiment continues there")] = Path(
-        "runs/experiment"),
+    out: Annotated[Path | None, typer.Option(help="output folder; an interrupted experiment continues there "
+                                                 "(default: the config's `out`, else runs/experiment)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. federation.rounds=5")] = None,
 ) -> None:
     """FedPT against the large model tuned by federation: train, evaluate, write results.json and report.md."""
@@ -75,6 +75,8 @@ def experiment(
 
     quiet_transformers()
     run = cfg.load(config, set_ or [])
+    if out is None:  # like `fedpt train`: the config names its folder; the embedded defaults get their own
+        out = Path(run.out) if config is not None else Path("runs/experiment")
     command = shlex.join(["fedpt", "experiment", *(["--config", str(config)] if config else []), "--out", str(out),
                           *[arg for item in set_ or [] for arg in ("--set", item)]])
     results = run_experiment(run, out, command=command)
