@@ -108,7 +108,9 @@ def paired(first: Path, second: Path) -> dict[str, Any]:
         results = folder / RESULTS
         if not results.is_file():
             raise FedptError(f"{folder} has no {RESULTS}: not a finished `fedpt evaluate`")
-        runs.append((json.loads(results.read_text()), verdicts(folder), _answered(folder)))
+        firsts = _first_samples(folder)
+        runs.append((json.loads(results.read_text()), {t: bool(row["passed"]) for t, row in firsts.items()},
+                     {t for t, row in firsts.items() if row.get("completion")}))  # a final number, or code
     (one, a, said_a), (two, b, said_b) = runs
     if (one["task"], one.get("split")) != (two["task"], two.get("split")):
         raise FedptError(f"{first} judged {one['task']} ({one.get('split')}), {second} {two['task']} "
@@ -130,13 +132,12 @@ def paired(first: Path, second: Path) -> dict[str, Any]:
 
 def verdicts(folder: Path) -> dict[str, bool]:
     """task_id -> whether sample 0 passed, for the problems an evaluation in `folder` judged (paired intervals)."""
-    return {task_id: bool(row["passed"]) for (task_id, i), row in _read_samples(folder / SAMPLES).items() if i == 0}
+    return {task_id: bool(row["passed"]) for task_id, row in _first_samples(folder).items()}
 
 
-def _answered(folder: Path) -> set[str]:
-    """task_ids whose sample 0 has a completion: a final number (math) or code, not cut off before one."""
-    rows = _read_samples(folder / SAMPLES)
-    return {task_id for (task_id, i), row in rows.items() if i == 0 and row.get("completion")}
+def _first_samples(folder: Path) -> dict[str, dict]:
+    """task_id -> the row of its sample 0, read once from `folder`'s samples.jsonl."""
+    return {task_id: row for (task_id, i), row in _read_samples(folder / SAMPLES).items() if i == 0}
 
 
 def _read_samples(path: Path) -> dict[tuple[str, int], dict]:
