@@ -220,7 +220,13 @@ def evaluate(
         results = run(lm, task, out, sampling=sampling, n=n, limit=limit, chat=not raw, max_batch=batch_size,
                       timeout=timeout, progress=progress, split=split)
     for name, score in results["scores"].items():
-        interval = score.get("interval_95")
-        print(f"{task} {name}: {score['value']:.3f}" + (f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})"
-                                                        if interval else "") + f", {results['problems']} problems")
+        value, interval = score["value"], score.get("interval_95")
+        line = f"{task} {name}: " + (f"{value:.3f}" if isinstance(value, float) else f"{value}")
+        if interval:
+            line += f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})"
+        if name.startswith("pass@"):  # a part (seen templates) says its own count
+            line += f", {score.get('problems', results['problems'])} problems"
+        elif "samples" in score:
+            line += f" ({score['samples']} samples)"
+        print(line)
     print(out / "results.json")

@@ -82,6 +82,20 @@ def test_fedpt_evaluate_on_the_command_line(cli, tiny, tiny_adapter, tmp_path):
     assert f"tuned by {tiny_adapter}" in err and "1 problems" in out
 
 
+def test_fedpt_evaluate_on_math_prints_each_part_with_its_own_count(cli, tiny, tmp_path):
+    pytest.importorskip("reasoning_gym", reason="the math task comes with reasoning-gym")
+    code, out, err = cli("evaluate", "--task", "gsm", "--large", tiny["large"], "--dtype", "float32", "--limit", 6,
+                         "--max-new-tokens", 2, "--out", tmp_path)
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    for kind in ("seen", "unseen"):
+        part = results["scores"].get(f"pass@1 {kind} templates")
+        if part:
+            assert f"gsm pass@1 {kind} templates: {part['value']:.3f}, {part['problems']} problems" in out
+    assert "gsm no final number: 1.000 (6 samples)" in out
+    assert f"gsm median answer characters: {results['scores']['median answer characters']['value']}\n" in out
+
+
 def test_evaluate_on_math_reports_seen_and_unseen_templates_and_refuses_another_tasks_samples(tiny, tmp_path):
     pytest.importorskip("reasoning_gym", reason="the math task comes with reasoning-gym")
     lm = HFCausalLM.load(tiny["large"], dtype="float32")
