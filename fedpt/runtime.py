@@ -45,6 +45,31 @@ def bound_the_heap() -> None:
             pass
 
 
+def machine() -> dict[str, Any]:
+    """What a measurement ran on: greedy answers through llama.cpp differ by a few in a hundred between CPUs with
+    other vector units (its kernels are compiled for the machine), so results say where they were made."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    found: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
+                             "vector": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))}
+    for package in ("torch", "llama_cpp_python"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def quiet_transformers() -> None:
     import transformers
 

@@ -22,7 +22,7 @@ from fedpt.decoding import Sampling, generate_each
 from fedpt.errors import FedptError
 from fedpt.files import write_atomic
 from fedpt.models import LanguageModel
-from fedpt.runtime import task
+from fedpt.runtime import machine, task
 from fedpt.tasks import codeio, gsm, humaneval
 from fedpt.tasks.metrics import bootstrap_interval, pass_at_k
 
@@ -72,6 +72,7 @@ def evaluate(lm: LanguageModel, task_name: str, out: Path, *, sampling: Sampling
                 advance(1)
     results = summarize(task_name, lm.name, problems, done, n, chat, time.perf_counter() - started)
     results["split"] = split
+    results["machine"] = machine()
     write_atomic(out / RESULTS, json.dumps(results, indent=2))
     return results
 
@@ -124,6 +125,9 @@ def paired(first: Path, second: Path) -> dict[str, Any]:
             "first": {"model": one["model"], "pass@1": sum(a[i] for i in common) / len(common)},
             "second": {"model": two["model"], "pass@1": sum(b[i] for i in common) / len(common)},
             "difference": {"value": gain, "interval_95": [low, high], "beyond_interval": bool(low > 0 or high < 0)},
+            # judged on other CPUs, greedy answers move by a few in a hundred besides any difference of the models
+            "same_machine": one.get("machine") == two.get("machine") if "machine" in one and "machine" in two
+            else None,
             # where both wrote a final answer: a difference in reasoning, not in running out of tokens
             "both_answered": {"problems": len(both), **({"first pass@1": sum(a[i] for i in both) / len(both),
                                                          "second pass@1": sum(b[i] for i in both) / len(both)}

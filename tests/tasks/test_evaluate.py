@@ -2,6 +2,7 @@
 its own harness), and `fedpt evaluate` on tiny models: samples written as they are judged, a resumed run."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,7 @@ def test_evaluate_on_math_reports_seen_and_unseen_templates_and_refuses_another_
     lm = HFCausalLM.load(tiny["large"], dtype="float32")
     results = evaluate(lm, "gsm", tmp_path, sampling=Sampling(max_tokens=4), limit=6)
     assert results["problems"] == 6 and results["scores"]["pass@1"]["value"] == 0.0
+    assert results["machine"]["cores"] == os.cpu_count() and "torch" in results["machine"]  # where it was judged
     kinds = [results["scores"].get(f"pass@1 {k} templates", {}).get("problems", 0) for k in ("seen", "unseen")]
     assert sum(kinds) == 6
     assert results["scores"]["no final number"] == {"value": 1.0, "samples": 6}  # 4 tokens never reach "#### N"
@@ -129,13 +131,14 @@ def test_a_recipe_is_judged_on_the_validation_split_and_humaneval_has_none(tiny,
 def test_two_evaluations_are_compared_paired_on_the_problems_both_judged(tmp_path):
     from fedpt.tasks.evaluate import paired
 
-    def finished(name: str, passed: list[bool], task: str = "gsm", cut: int = 0) -> Path:
+    def finished(name: str, passed: list[bool], task: str = "gsm", cut: int = 0, cpu: str = "A") -> Path:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "samples.jsonl").write_text("".join(
             json.dumps({"task_id": f"gsm/1/{i}", "sample": 0, "passed": p, "completion": "" if i < cut else "7"})
             + "\n" for i, p in enumerate(passed)))
-        (folder / "results.json").write_text(json.dumps({"task": task, "model": name, "split": "validation"}))
+        (folder / "results.json").write_text(json.dumps({"task": task, "model": name, "split": "validation",
+                                                         "machine": {"cpu": cpu}}))
         return folder
 
     better = finished("better", [True] * 30 + [False] * 10 + [True])  # one problem the other never judged
@@ -146,6 +149,7 @@ def test_two_evaluations_are_compared_paired_on_the_problems_both_judged(tmp_pat
     assert found["both_answered"] == {"problems": 20, "first pass@1": 0.5, "second pass@1": 0.5}
     same = paired(better, better)
     assert same["difference"]["value"] == 0 and not same["difference"]["beyond_interval"]
+    assert found["same_machine"] and not paired(better, finished("elsewhere", [True] * 40, cpu="B"))["same_machine"]
     with pytest.raises(FedptError, match="compare evaluations of the same task and split"):
         paired(better, finished("code", [True], task="codeio"))
     with pytest.raises(FedptError, match="not a finished `fedpt evaluate`"):
