@@ -29,11 +29,16 @@ def test_config_file_overrides_and_errors(tmp_path):
 
 
 def test_the_shipped_config_is_the_embedded_default():
-
     shipped = cfg.load(Path(__file__).parent.parent / "configs" / "chatterbot.toml")
     assert shipped == cfg.RunConfig()
 
 
+def test_every_shipped_config_loads_and_the_real_task_ones_pin_their_training_dtype():
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    loaded = {path.stem: cfg.load(path) for path in configs}  # a typo in any of them fails here, not hours in
+    assert {"experiment-math", "experiment-code"} <= set(loaded)
+    # resumed on another machine, `auto` would switch between bf16 and float32 in the middle of a federation
+    assert loaded["experiment-math"].tuning.dtype == loaded["experiment-code"].tuning.dtype == "float32"
 
 
 def test_importing_the_schema_loads_no_torch():
