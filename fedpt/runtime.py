@@ -45,23 +45,30 @@ def bound_the_heap() -> None:
             pass
 
 
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if not key.strip():  # the blank line after the first processor
+                    break
+                found[key.strip()] = value.strip()
+    except OSError:  # not Linux: no cheap way to know
+        pass
+    return found
+
+
 def machine() -> dict[str, Any]:
     """What a measurement ran on: greedy answers through llama.cpp differ by a few in a hundred between CPUs with
     other vector units (its kernels are compiled for the machine), so results say where they were made."""
     from importlib.metadata import PackageNotFoundError, version
 
-    cpu, flags = "", set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not cpu:
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:  # not Linux
-        pass
-    found: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
-                             "vector": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))}
+    cpu = cpu_info()
+    found: dict[str, Any] = {"cpu": cpu.get("model name", ""), "cores": os.cpu_count(),
+                             "vector": sorted(set(cpu.get("flags", "").split())
+                                              & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})}
     for package in ("torch", "llama_cpp_python"):
         try:
             found[package] = version(package)

@@ -13,6 +13,7 @@ from torch import Tensor
 from fedpt.config import DEVICES, valid_device
 from fedpt.errors import FedptError, first_line
 from fedpt.models.interface import LanguageModel, end_tokens, positions
+from fedpt.runtime import cpu_info
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "auto": None}
@@ -51,11 +52,8 @@ def native_bf16(device: str = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if str(device) != "cpu":
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to know; float32 is never slow
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = set(cpu_info().get("flags", "").split())  # none known (not Linux): float32 is never slow
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @dataclass
