@@ -31,6 +31,9 @@ PROMPTS = ["Write a Python function that reverses a string.", "What is a hash ta
 # the same GGUF, over the next-token distributions of these prompts' last 6 positions: max 0.025, mean 0.0065.
 TOLERANCE_TV = 0.1
 BATCH_TV = 0.06  # the same row in different batches (measured: up to 0.035)
+# Greedy paths of two engines on the same weights may part at a near-tie ("Here's a [simple] Python function":
+# 0.03-0.04 nats apart, measured here), so each path must be greedy up to this margin under the other engine.
+TIE_NATS = 0.25
 
 
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,10 +51,24 @@ def greedy(lm, tokenizer, prompt, n=8):
     return generate_tokens(lm, [encode_prompt(tokenizer, prompt)], Sampling(max_tokens=n))[0]
 
 
+def shortfall(lm, tokenizer, prompt, path) -> list[float]:
+    """Per step, how many nats `lm` puts the token `path` took below its own best, reading prompt + path."""
+    ids = torch.tensor([encode_prompt(tokenizer, prompt) + path[:-1]])
+    logprobs = lm.logprobs(ids, torch.ones_like(ids), len(path))[0]  # (len(path), V); -inf outside a top-k
+    return (logprobs.max(-1).values - logprobs[torch.arange(len(path)), torch.tensor(path)]).tolist()
+
+
+def assert_same_greedy_up_to_ties(a, b, tokenizer, prompt, n=8):
+    """Each engine's greedy path is greedy under the other too, but for near-ties (and nothing else)."""
+    for lm, path in ((b, greedy(a, tokenizer, prompt, n)), (a, greedy(b, tokenizer, prompt, n))):
+        gaps = shortfall(lm, tokenizer, prompt, path)
+        assert max(gaps) < TIE_NATS, f"{tokenizer.decode(path)!r}: {lm.name} puts a step {max(gaps):.3f} nats lower"
+
+
 def test_llama_cpp_agrees_with_transformers_on_the_same_weights(cpp):
     hf = HFCausalLM.load(SMALL, dtype="float32")
     for prompt in PROMPTS:
-        assert greedy(cpp, hf.tokenizer, prompt) == greedy(hf, hf.tokenizer, prompt)
+        assert_same_greedy_up_to_ties(cpp, hf, hf.tokenizer, prompt)
     ids, mask = pad_left([encode_prompt(hf.tokenizer, p) for p in PROMPTS], hf.tokenizer.pad_token_id)
     a, b = cpp.logprobs(ids, mask, 6), hf.logprobs(ids, mask, 6)
     distance = 0.5 * (a.exp() - b.exp()).abs().sum(-1)
@@ -109,7 +126,7 @@ def test_steering_llama_cpps_server_as_a_black_box(llama_server, cpp):
     black_box = open_lm(llama_server, tokenizer=SMALL, top_k=20)
     assert not black_box.token_prompts  # llama-cpp-python's server takes text prompts only
     for prompt in PROMPTS:
-        assert greedy(black_box, cpp.tokenizer, prompt, 6) == greedy(cpp, cpp.tokenizer, prompt, 6)
+        assert_same_greedy_up_to_ties(black_box, cpp, cpp.tokenizer, prompt, 6)
     assert black_box.stats["text_prompts_retokenized_differently"] == 0
     ids, mask = pad_left([encode_prompt(cpp.tokenizer, PROMPTS[0])], cpp.tokenizer.pad_token_id)
     remote, local = black_box.logprobs(ids, mask, 2), cpp.logprobs(ids, mask, 2)
