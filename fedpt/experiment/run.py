@@ -1,13 +1,13 @@
 """The FedPT experiment: does a proxy-tuned large model come close to the large model tuned by federation,
 at a fraction of the devices' cost?
 
-Three stages, each readable on its own:
-  train     - fedpt: the small model, federated (FedPT step 1); direct: the large model, federated by the same
-              recipe (the costly baseline); fedpt-distill: FedPT with the iterative loop ([distill] every > 0),
-              if enabled; central: the small model tuned centrally with as many steps (an upper bound).
-              Every training writes its own folder, so an interrupted experiment continues where it stopped.
-  evaluate  - on one held-out test split: small base, small federated, large base, FedPT as published (the
-              configured alpha), FedPT with alpha and fusion chosen on the validation split, the baseline, extras.
+Stages, each a training judged as soon as it ends (each writes its own folder, and every judgment is kept, so an
+interrupted experiment continues where it stopped):
+  fedpt     - the small model, federated (FedPT step 1); judged on one held-out test split: both bases, the small
+              federated, FedPT as published (the configured alpha) and with the fusion chosen on validation.
+  direct    - the large model, federated by the same recipe (the costly baseline); judged likewise.
+  distill   - FedPT with the iterative loop ([distill] every > 0), if enabled; central: the small model tuned
+              centrally with as many steps (an upper bound), if enabled.
   summarize - gaps closed, what each device paid, the targets: results.json and report.md.
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,20 +56,54 @@ class Trained:
 
 
 def run_experiment(config: RunConfig, out: Path, command: str = "") -> dict[str, Any]:
-    """Train what is missing, evaluate everything, write results.json and the report; return the results."""
+    """Train what is missing, each training judged as soon as it ends, then write results.json and the report.
+
+    Judgments land in OUT/scores and OUT/tasks the moment they are made, so a lost machine loses at most the
+    training under way, never the evaluations of the ones before it."""
     from fedpt.experiment.report import write_report
 
     started = time.time()
     data = setup(config, out)
-    trained = train(config, data, out)
-    console.rule("[bold]evaluation on the held-out split")
-    with Progress(console=console, transient=True) as progress:
-        ev, grid, chosen = evaluate(config, data, trained, progress, out)
+    ev = Evaluation(config, data.test, data.validation, None, out)
+    exp = config.experiment
+    stages = 2 + exp.distill_variant + exp.central_small
+    console.rule(f"[bold]1/{stages} FedPT: federated tuning of the small model, then the proxy judged")
+    fedpt = federate(cfg.replace(config, distill={"every": 0}), out / "fedpt")
+    with judging(ev):
+        grid, chosen = evaluate_fedpt(config, ev, fedpt)
+    console.rule(f"[bold]2/{stages} baseline: federated tuning of the large model, same recipe, then judged")
+    direct = federate(cfg.replace(config, model={"small": direct_model(config)}, distill={"every": 0}),
+                      out / "direct")
+    with judging(ev):
+        evaluate_direct(config, ev, direct)
+    distill = central = stats = None
+    if exp.distill_variant:
+        console.rule(f"[bold]3/{stages} FedPT with distillation between rounds, then judged")
+        distill = federate(cfg.replace(config, distill={"every": config.distill.every or 1}), out / "fedpt-distill")
+        with judging(ev):
+            evaluate_distill(config, ev, distill, chosen_fusion(exp, chosen))
+    if exp.central_small:
+        console.rule(f"[bold]{stages}/{stages} the small model tuned centrally (upper bound of step 1), then judged")
+        central, stats = tune_centrally(config, data.train, out / "central")
+        with judging(ev):
+            evaluate_central(config, ev, central)
+    trained = Trained(fedpt, direct, distill, central, stats)
     results = {"command": command, **summarize(config, data, trained, out, ev.rows, grid, chosen),
                "seconds": time.time() - started}
     res.save_results(results, out)
     write_report(results, out)
     return results
+
+
+@contextmanager
+def judging(ev: Evaluation) -> Iterator[None]:
+    """One progress display for an evaluation stage (none while a federation prints its own)."""
+    with Progress(console=console, transient=True) as progress:
+        ev.progress = progress
+        try:
+            yield
+        finally:
+            ev.progress = None
 
 
 def setup(config: RunConfig, out: Path) -> Splits:
@@ -92,24 +127,6 @@ def setup(config: RunConfig, out: Path) -> Splits:
     # a config.json with nothing trained after it (a setup that failed) is replaced by the corrected one
     write_atomic(saved, json.dumps(config.to_dict(), indent=2))
     return data
-
-
-def train(config: RunConfig, data: Splits, out: Path) -> Trained:
-    exp = config.experiment
-    steps = 2 + exp.distill_variant + exp.central_small
-    console.rule(f"[bold]1/{steps} FedPT: federated tuning of the small model")
-    fedpt = federate(cfg.replace(config, distill={"every": 0}), out / "fedpt")
-    console.rule(f"[bold]2/{steps} baseline: federated tuning of the large model, same recipe")
-    direct = federate(cfg.replace(config, model={"small": direct_model(config)}, distill={"every": 0}),
-                      out / "direct")
-    distill = central = stats = None
-    if exp.distill_variant:
-        console.rule(f"[bold]3/{steps} FedPT with distillation between rounds")
-        distill = federate(cfg.replace(config, distill={"every": config.distill.every or 1}), out / "fedpt-distill")
-    if exp.central_small:
-        console.rule(f"[bold]{steps}/{steps} the small model tuned centrally (upper bound of step 1)")
-        central, stats = tune_centrally(config, data.train, out / "central")
-    return Trained(fedpt, direct, distill, central, stats)
 
 
 def direct_model(config: RunConfig) -> str:
@@ -155,60 +172,71 @@ def tune_centrally(config: RunConfig, train_set: Sequence[Example], folder: Path
     return tuned, stats
 
 
-def evaluate(config: RunConfig, data: Splits, trained: Trained, progress: Progress,
-             out: Path | None = None) -> tuple[Evaluation, dict[str, dict], dict[str, str | None]]:
-    """Score every model; return the rows, the fusion grid (validation and test) and the choices on validation.
+def chosen_fusion(exp: cfg.ExperimentConfig, chosen: dict[str, str | None]) -> Fusion:
+    return next(f for f in fusions_for(exp) if f.label == chosen["overall"])
 
-    At most one large model and one small pair are in memory at a time; the directly tuned large model goes first."""
+
+def evaluate_fedpt(config: RunConfig, ev: Evaluation, adapter: Path) -> tuple[dict[str, dict], dict[str, str | None]]:
+    """Both bases, the federated small model and the proxy (as published and as chosen on validation); return
+    the fusion grid (validation and test) and the choices. One large model and one small pair in memory at a time."""
     from fedpt.proxy import ProxyTunedLM
     from fedpt.proxy.spec import ModelSpec
 
-    small, large_weights = config.model.small, direct_model(config)
     spec = ModelSpec.from_config(config.model)  # every model below runs on its backend
     fusions = fusions_for(config.experiment)
     published = Fusion(alpha=config.experiment.alpha)
-    ev = Evaluation(config, data.test, data.validation, progress, out)
     rows = ev.rows
-    # the baseline first: whether direct tuning moved the large model at all decides what the rest can show
-    tuned = spec.open_tuned(large_weights, trained.direct, spread=True)
-    ev.score("large_direct", tuned)
-    ev.answers("large_direct", tuned)
-    del tuned
     large = spec.open_large()
-
-    expert = ModelSpec.from_config(config.model, adapter=trained.fedpt).open_expert()
+    expert = ModelSpec.from_config(config.model, adapter=adapter).open_expert()
     grid = ev.score_fusions("fusion-grid", large, expert, fusions)
     chosen = choose(grid, fusions)
-    chosen_fusion = next(f for f in fusions if f.label == chosen["overall"])
+    best = chosen_fusion(config.experiment, chosen)
     for name, key in [("small_base", "small_base"), ("small_fedpt", "small_tuned"), ("large_base", "large"),
-                      ("fedpt_proxy", published.label), ("fedpt_best", chosen_fusion.label)]:
+                      ("fedpt_proxy", published.label), ("fedpt_best", best.label)]:
         rows[name] = {**grid[key]["test"], "validation_nll": grid[key]["validation"]["nll"]}
-    rows["fedpt_proxy"]["fusion"], rows["fedpt_best"]["fusion"] = published.label, chosen_fusion.label
+    rows["fedpt_proxy"]["fusion"], rows["fedpt_best"]["fusion"] = published.label, best.label
     ev.answers("large_base", large)
     ev.answers("small_fedpt", expert.tuned)
     ev.answers("fedpt_proxy", ProxyTunedLM(large, expert, fusion=published))
-    if chosen_fusion.label == published.label:  # the same model: greedy answers are the same, decoded once
+    if best.label == published.label:  # the same model: greedy answers are the same, decoded once
         ev.same_answers("fedpt_best", "fedpt_proxy")
     else:
-        ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=chosen_fusion))
-    del expert
-    ev.answers("small_base", dataclasses.replace(spec, large=small, large_device_map="").open_large())
+        ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=best))
+    del expert, large
+    ev.answers("small_base", dataclasses.replace(spec, large=config.model.small, large_device_map="").open_large())
+    return {f.label: grid[f.label] for f in fusions}, chosen
 
-    if trained.distill is not None:
-        expert = ModelSpec.from_config(config.model, adapter=trained.distill).open_expert()
-        distilled = ev.score_fusions("fusion-grid-distill", large, expert, [published, chosen_fusion])
-        rows["small_fedpt_distill"] = distilled["small_tuned"]["test"]
-        rows["fedpt_distill_proxy"] = {**distilled[published.label]["test"], "fusion": published.label}
-        rows["fedpt_distill_best"] = {**distilled[chosen_fusion.label]["test"], "fusion": chosen_fusion.label}
-        ev.answers("fedpt_distill_proxy", ProxyTunedLM(large, expert, fusion=published))
-        del expert
-    del large
-    if trained.central is not None:
-        tuned = spec.open_tuned(small, trained.central, spread=False)
-        ev.score("small_central", tuned)
-        ev.answers("small_central", tuned)
-        del tuned
-    return ev, {f.label: grid[f.label] for f in fusions}, chosen
+
+def evaluate_direct(config: RunConfig, ev: Evaluation, tuned_folder: Path) -> None:
+    """The baseline: the large model tuned by federation, on its own backend."""
+    from fedpt.proxy.spec import ModelSpec
+
+    tuned = ModelSpec.from_config(config.model).open_tuned(direct_model(config), tuned_folder, spread=True)
+    ev.score("large_direct", tuned)
+    ev.answers("large_direct", tuned)
+
+
+def evaluate_distill(config: RunConfig, ev: Evaluation, adapter: Path, best: Fusion) -> None:
+    """The small model of the distillation variant, alone and as the proxy's expert (published and chosen fusion)."""
+    from fedpt.proxy import ProxyTunedLM
+    from fedpt.proxy.spec import ModelSpec
+
+    published = Fusion(alpha=config.experiment.alpha)
+    large = ModelSpec.from_config(config.model).open_large()
+    expert = ModelSpec.from_config(config.model, adapter=adapter).open_expert()
+    distilled = ev.score_fusions("fusion-grid-distill", large, expert, [published, best])
+    ev.rows["small_fedpt_distill"] = distilled["small_tuned"]["test"]
+    ev.rows["fedpt_distill_proxy"] = {**distilled[published.label]["test"], "fusion": published.label}
+    ev.rows["fedpt_distill_best"] = {**distilled[best.label]["test"], "fusion": best.label}
+    ev.answers("fedpt_distill_proxy", ProxyTunedLM(large, expert, fusion=published))
+
+
+def evaluate_central(config: RunConfig, ev: Evaluation, tuned_folder: Path) -> None:
+    from fedpt.proxy.spec import ModelSpec
+
+    tuned = ModelSpec.from_config(config.model).open_tuned(config.model.small, tuned_folder, spread=False)
+    ev.score("small_central", tuned)
+    ev.answers("small_central", tuned)
 
 
 def summarize(config: RunConfig, data: Splits, trained: Trained, out: Path, models: dict[str, dict],

@@ -97,3 +97,21 @@ def test_a_typo_in_a_model_name_fails_before_anything_is_written_and_never_block
     (tmp_path / "exp" / "fedpt").mkdir()
     with pytest.raises(FedptError, match="another config"):
         setup(cfg.replace(run, seed=7), tmp_path / "exp")
+
+
+def test_each_training_is_judged_before_the_next_one_starts(tiny_run, qa_file, tmp_path, monkeypatch):
+    """A machine lost during the costly direct federation must not take FedPT's judgments with it."""
+    from fedpt.experiment import run as stages
+
+    config = experiment_config(tiny_run, qa_file, tmp_path)
+    out, seen = tmp_path / "exp", []
+    federate = stages.federate
+
+    def recording(run, folder):
+        seen.append((folder.name, sorted(p.name for p in (out / "scores").glob("*.json"))))
+        return federate(run, folder)
+
+    monkeypatch.setattr(stages, "federate", recording)
+    run_experiment(config, out, command="test")
+    assert seen == [("fedpt", []), ("direct", ["fusion-grid.json"]),
+                    ("fedpt-distill", ["fusion-grid.json", "large_direct.json"])]
