@@ -122,12 +122,21 @@ def setup(config: RunConfig, out: Path) -> Splits:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
     trained = [name for name in ("fedpt", "direct", "fedpt-distill", "central", "tasks") if (out / name).exists()]
-    if saved.is_file() and json.loads(saved.read_text()) != config.to_dict() and trained:
+    if saved.is_file() and not _same_config(json.loads(saved.read_text()), config) and trained:
         raise FedptError(f"{out} holds an experiment with another config; pick another --out or delete it")
     # a config.json with nothing trained after it (a setup that failed) is replaced by the corrected one
     write_atomic(saved, json.dumps(config.to_dict(), indent=2))
     return data
 
+
+
+def _same_config(saved: dict[str, Any], config: RunConfig) -> bool:
+    """Whether a saved config.json is `config`; keys added to the schema since it was saved read as their defaults,
+    so a new option does not lock out an experiment that is half run."""
+    try:
+        return cfg.from_dict(saved).to_dict() == config.to_dict()
+    except (FedptError, TypeError, ValueError):  # a key since removed or renamed, or not a config at all
+        return False
 
 def direct_model(config: RunConfig) -> str:
     """The large model's weights, which the direct baseline trains: `large`, or `large_weights` beside a URL."""

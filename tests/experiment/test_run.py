@@ -1,6 +1,8 @@
 """The experiment end to end on tiny models: every stage, results.json, the report, and a rerun that reuses
 every trained stage; with LoRA and with full fine-tuning."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,12 @@ def test_a_typo_in_a_model_name_fails_before_anything_is_written_and_never_block
     (tmp_path / "exp" / "fedpt").mkdir()
     with pytest.raises(FedptError, match="another config"):
         setup(cfg.replace(run, seed=7), tmp_path / "exp")
+    saved = json.loads((tmp_path / "exp" / "config.json").read_text())
+    del saved["experiment"]["alphas"]  # as if saved before the key existed: it reads as its default
+    (tmp_path / "exp" / "config.json").write_text(json.dumps(saved))
+    setup(cfg.replace(run, experiment={"alphas": cfg.ExperimentConfig().alphas}), tmp_path / "exp")
+    with pytest.raises(FedptError, match="another config"):
+        setup(cfg.replace(run, experiment={"alphas": [9.0]}), tmp_path / "exp")
 
 
 def test_each_training_is_judged_before_the_next_one_starts(tiny_run, qa_file, tmp_path, monkeypatch):
