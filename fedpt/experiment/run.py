@@ -129,7 +129,6 @@ def setup(config: RunConfig, out: Path) -> Splits:
     return data
 
 
-
 def _same_config(saved: dict[str, Any], config: RunConfig) -> bool:
     """Whether a saved config.json is `config`; keys added to the schema since it was saved read as their defaults,
     so a new option does not lock out an experiment that is half run."""
@@ -137,6 +136,7 @@ def _same_config(saved: dict[str, Any], config: RunConfig) -> bool:
         return cfg.from_dict(saved).to_dict() == config.to_dict()
     except (FedptError, TypeError, ValueError):  # a key since removed or renamed, or not a config at all
         return False
+
 
 def direct_model(config: RunConfig) -> str:
     """The large model's weights, which the direct baseline trains: `large`, or `large_weights` beside a URL."""
