@@ -93,6 +93,8 @@ def test_clients_receive_only_the_sections_they_use():
     ("tuning", {"lora_dropout": 1.5}, "lora_dropout"), ("tuning", {"learning_rate": float("nan")}, "learning_rate"),
     ("data", {"test_percent": 0}, "test_percent"), ("data", {"test_percent": -5}, "test_percent"),
     ("data", {"test_percent": 100}, "test_percent"),
+    ("experiment", {"choose_on": "gsm"}, "choose_on must be 'nll' or one of experiment.tasks"),
+    ("experiment", {"choose_problems": 0}, "choose_problems"),
 ])
 def test_settings_outside_their_domain_are_one_line_errors_before_anything_runs(section, values, words):
     from fedpt import config as cfg

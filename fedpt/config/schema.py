@@ -170,6 +170,8 @@ class ExperimentConfig:
     tasks: list[str] = field(default_factory=list)  # real tasks every model is judged on: humaneval, codeio, gsm
     task_problems: int = 0  # the first N problems of each task (gsm: a fixed sample); 0: all
     task_max_tokens: int = 384  # new tokens per answer on the tasks
+    choose_on: str = "nll"  # what picks FedPT's fusion on validation: "nll", or one of `tasks` (its pass@1)
+    choose_problems: int = 100  # validation problems each fusion answers when choose_on is a task
 
     def __post_init__(self) -> None:
         if self.metric not in ("rouge", "choice"):
@@ -177,6 +179,11 @@ class ExperimentConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise FedptError(f"experiment.tasks: unknown task '{unknown[0]}'; known: {', '.join(TASKS)}")
+        if self.choose_on != "nll" and self.choose_on not in self.tasks:
+            raise FedptError(f"experiment.choose_on must be 'nll' or one of experiment.tasks {self.tasks}, "
+                             f"got '{self.choose_on}'")
+        if self.choose_problems < 1:
+            raise FedptError("experiment.choose_problems must be at least 1")
         if self.task_problems < 0 or self.task_max_tokens < 1:
             raise FedptError("experiment.task_problems must be >= 0 and experiment.task_max_tokens >= 1")
         self.alphas = [float(a) for a in self.alphas]

@@ -1,6 +1,9 @@
 """Scoring the experiment's models on the held-out splits: the fusion grid on validation and test (each model run
 once), the choice made on validation, single models on test, and greedy answers. Every score is kept in the
-experiment's folder as it is made (OUT/scores/*.json, OUT/tasks/), so a resumed evaluation goes on from there."""
+experiment's folder as it is made (OUT/scores/*.json, OUT/tasks/), so a resumed evaluation goes on from there.
+
+Models come as functions that open them (`Opener`), called only when a score is missing: a judgment already kept
+needs neither the model nor the training that made it."""
 
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from fedpt.scoring import (
     summarize,
 )
 
+Opener = Callable[[], LanguageModel]
+
 
 def fusions_for(experiment: ExperimentConfig) -> list[Fusion]:
     """The grid searched on validation: each alpha alone, each alpha with each mixture weight, and dynamic alpha."""
@@ -51,7 +56,17 @@ def choose(grid: dict[str, dict], fusions: Sequence[Fusion]) -> dict[str, str | 
         "mixture": best(validation_nll, [f.label for f in fusions if f.weight]),
         "dynamic": best(validation_nll, dynamic) if dynamic else None,
         "overall": best(validation_nll, [f.label for f in fusions]),
+        "on": "nll",
     }
+
+
+def choose_on_task(grid: dict[str, dict], fusions: Sequence[Fusion], task_name: str) -> dict[str, str | None]:
+    """The fusion with the best pass@1 on the task's validation problems (grid[label]["validation"]["tasks"]);
+    ties go to the lower validation NLL. The kinds' bests stay the NLL ones, shown beside it."""
+    def rank(label: str) -> tuple[float, float]:
+        return (-grid[label]["validation"]["tasks"][task_name], grid[label]["validation"]["nll"])
+
+    return {**choose(grid, fusions), "overall": min((f.label for f in fusions), key=rank), "on": task_name}
 
 
 class Evaluation:
@@ -79,9 +94,9 @@ class Evaluation:
         write_atomic(path, json.dumps(found, indent=1))
         return found
 
-    def score(self, name: str, lm: LanguageModel) -> None:
+    def score(self, name: str, model: Opener) -> None:
         """NLL (and accuracy over the options) of one LanguageModel on the test split."""
-        self.rows.setdefault(name, {}).update(self.kept(name, lambda: self._score(lm)))
+        self.rows.setdefault(name, {}).update(self.kept(name, lambda: self._score(model())))
 
     def _score(self, lm: LanguageModel) -> dict[str, float]:
         row = summarize(response_logprobs(lm, self.test, max_length=self.max_length, progress=self.progress))
@@ -91,14 +106,14 @@ class Evaluation:
             row["accuracy"] = choice_accuracy(scores, self.test, self.options)
         return row
 
-    def score_fusions(self, key: str, large: LanguageModel, expert: ExpertPair,
+    def score_fusions(self, key: str, large: Opener, expert: Callable[[], ExpertPair],
                       fusions: list[Fusion]) -> dict[str, dict]:
         """The large base, the small pair and every fusion, on validation and test, each model run once; kept as
         OUT/scores/KEY.json.
 
         Keys: "large", "small_base", "small_tuned" and each fusion's label; values {"validation": ..., "test": ...}.
         """
-        return self.kept(key, lambda: self._score_fusions(large, expert, fusions))
+        return self.kept(key, lambda: self._score_fusions(large(), expert(), fusions))
 
     def _score_fusions(self, large: LanguageModel, expert: ExpertPair, fusions: list[Fusion]) -> dict[str, dict]:
         found: dict[str, dict] = {}
@@ -114,12 +129,19 @@ class Evaluation:
                     found[key][split]["accuracy"] = choice_accuracy(values, examples, self.options)
         return found
 
-    def answers(self, name: str, lm: LanguageModel) -> None:
+    def answers(self, name: str, model: Opener) -> None:
         """Greedy answers: on the real tasks (experiment.tasks), and to the first test prompts (ROUGE-L)."""
         for task_name in self.experiment.tasks:
-            self.task(name, lm, task_name)
+            self.task(name, model, task_name)
         if self.experiment.metric == "rouge" and self.experiment.generate_examples:
-            self.rouge(name, lm)
+            self.rows.setdefault(name, {}).update(self.kept(f"rouge-{name}", lambda: self._rouge(model())))
+
+    def validation_task(self, label: str, model: Opener, task_name: str) -> float:
+        """Greedy pass@1 of one candidate on the first experiment.choose_problems validation problems of a task,
+        in OUT/tasks/TASK-validation/LABEL (resumable): what choose_on_task picks by."""
+        found = self._judge(self._folder(f"{task_name}-validation", label), model, task_name, "validation",
+                            self.experiment.choose_problems)
+        return found["scores"]["pass@1"]["value"]
 
     def same_answers(self, name: str, other: str) -> None:
         """`name` is the same model as `other` (the chosen fusion is the published one): its answers are `other`'s."""
@@ -127,22 +149,35 @@ class Evaluation:
         row.update({key: theirs[key] for key in ("tasks", "rouge_l", "exact_match", "seconds_per_token", "samples")
                     if key in theirs}, answers_of=other)
 
-    def task(self, name: str, lm: LanguageModel, task_name: str) -> None:
+    def task(self, name: str, model: Opener, task_name: str) -> None:
         """Greedy pass@1 (or exact match) on a real task, in OUT/tasks/TASK/MODEL (resumable), as `fedpt evaluate`
         writes it; the row keeps the score and each problem's verdict, for paired intervals."""
-        from fedpt.tasks.evaluate import evaluate, verdicts
+        from fedpt.tasks.evaluate import verdicts
 
-        if self.out is None:
-            raise ValueError("an Evaluation with tasks needs the experiment's folder")
-        folder = self.out / "tasks" / task_name / name
-        found = evaluate(lm, task_name, folder, sampling=Sampling(max_tokens=self.experiment.task_max_tokens),
-                         limit=self.experiment.task_problems or None, progress=self.progress,
-                         splits=(self.data.test_percent, self.data.validation_percent))
+        folder = self._folder(task_name, name)
+        found = self._judge(folder, model, task_name, "test", self.experiment.task_problems or None)
         row = self.rows.setdefault(name, {})
         row.setdefault("tasks", {})[task_name] = {**found["scores"], "problems": found["problems"],
                                                   "passed": verdicts(folder)}
 
-    def rouge(self, name: str, lm: LanguageModel) -> None:
+    def _folder(self, task_folder: str, name: str) -> Path:
+        if self.out is None:
+            raise ValueError("an Evaluation with tasks needs the experiment's folder")
+        return self.out / "tasks" / task_folder / name.replace(", ", "_")
+
+    def _judge(self, folder: Path, model: Opener, task_name: str, split: str, limit: int | None) -> dict[str, Any]:
+        """A finished judgment (its results.json, written once every sample is in) is read back; anything else
+        is (re)run, resuming from the samples already there."""
+        from fedpt.tasks.evaluate import RESULTS, evaluate
+
+        kept = folder / RESULTS
+        if kept.is_file():
+            return json.loads(kept.read_text())
+        return evaluate(model(), task_name, folder, sampling=Sampling(max_tokens=self.experiment.task_max_tokens),
+                        limit=limit, progress=self.progress, split=split,
+                        splits=(self.data.test_percent, self.data.validation_percent))
+
+    def _rouge(self, lm: LanguageModel) -> dict[str, Any]:
         """Greedy answers to the first test prompts: ROUGE-L, exact match, and seconds per generated token."""
         examples = self.test[: self.experiment.generate_examples]
         started = time.perf_counter()
@@ -150,9 +185,10 @@ class Evaluation:
                          Sampling(max_tokens=self.experiment.max_new_tokens), progress=self.progress)
         seconds = time.perf_counter() - started
         tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-        row = self.rows.setdefault(name, {})
-        row["rouge_l"] = float(np.mean([rouge_l(t, e.response) for t, e in zip(texts, examples)]))
-        row["exact_match"] = float(np.mean([exact_match(t, e.response) for t, e in zip(texts, examples)]))
-        row["seconds_per_token"] = seconds / max(tokens, 1)
-        row["samples"] = [{"prompt": e.prompt, "reference": e.response, "answer": t}
-                          for e, t in list(zip(examples, texts))[:6]]
+        return {
+            "rouge_l": float(np.mean([rouge_l(t, e.response) for t, e in zip(texts, examples)])),
+            "exact_match": float(np.mean([exact_match(t, e.response) for t, e in zip(texts, examples)])),
+            "seconds_per_token": seconds / max(tokens, 1),
+            "samples": [{"prompt": e.prompt, "reference": e.response, "answer": t}
+                        for e, t in list(zip(examples, texts))[:6]],
+        }

@@ -143,16 +143,20 @@ def _levers(results: dict[str, Any]) -> list[str]:
     models, chosen, grid = results["models"], results.get("chosen_on_validation", {}), results.get("fusion_grid", {})
     if not grid:
         return []
+    on = chosen.get("on", "nll")
+    task = [] if on == "nll" else [f"validation {on} pass@1"]
     lines = ["## Levers: alpha and fusion, chosen on the validation split", "",
-             f"Chosen on validation: best alpha `{chosen.get('alpha')}`, best mixture `{chosen.get('mixture')}`, "
-             f"best dynamic `{chosen.get('dynamic')}`, best overall `{chosen.get('overall')}` "
-             "(the test column is shown for every setting, but none was picked on it).", "",
-             "| fusion | validation NLL | test NLL | gap closed (test NLL) |", "|---|---|---|---|"]
+             f"Chosen on validation NLL: best alpha `{chosen.get('alpha')}`, best mixture `{chosen.get('mixture')}`, "
+             f"best dynamic `{chosen.get('dynamic')}`. Chosen overall (on {on if task else 'validation NLL'}): "
+             f"`{chosen.get('overall')}` (the test column is shown for every setting, but none was picked on it).",
+             "", "| " + " | ".join(["fusion", "validation NLL", *task, "test NLL", "gap closed (test NLL)"]) + " |",
+             "|---|---|---|---|" + "---|" * len(task)]
     base, direct = models["large_base"]["nll"], models["large_direct"]["nll"]
     for label, split in grid.items():
         gap = gap_closed(split["test"]["nll"], base, direct)
-        lines.append(f"| {label} | {_fmt(split['validation']['nll'])} | {_fmt(split['test']['nll'])} | "
-                     f"{_fmt(gap, 2)} |")
+        cells = [label, _fmt(split["validation"]["nll"]), *[_fmt(split["validation"]["tasks"][on], 2) for _ in task],
+                 _fmt(split["test"]["nll"]), _fmt(gap, 2)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -2,9 +2,10 @@
 at a fraction of the devices' cost?
 
 Stages, each a training judged as soon as it ends (each writes its own folder, and every judgment is kept, so an
-interrupted experiment continues where it stopped):
+interrupted experiment continues where it stopped; a training runs only when a judgment still needs its model):
   fedpt     - the small model, federated (FedPT step 1); judged on one held-out test split: both bases, the small
-              federated, FedPT as published (the configured alpha) and with the fusion chosen on validation.
+              federated, FedPT as published (the configured alpha) and with the fusion chosen on validation (by NLL,
+              or by pass@1 on a task's validation problems: experiment.choose_on).
   direct    - the large model, federated by the same recipe (the costly baseline); judged likewise.
   distill   - FedPT with the iterative loop ([distill] every > 0), if enabled; central: the small model tuned
               centrally with as many steps (an upper bound), if enabled.
@@ -14,9 +15,10 @@ interrupted experiment continues where it stopped):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from fedpt.config import RunConfig
 from fedpt.data import Example, load_splits
 from fedpt.errors import FedptError
 from fedpt.experiment import results as res
-from fedpt.experiment.evaluation import Evaluation, choose, fusions_for
+from fedpt.experiment.evaluation import Evaluation, choose, choose_on_task, fusions_for
 from fedpt.files import write_atomic
 from fedpt.proxy import Fusion
 
@@ -44,22 +46,12 @@ class Splits:
     test: list[Example]
 
 
-@dataclass
-class Trained:
-    """The final model folders of the trainings (LoRA adapters, or whole models for tuning.mode = "full")."""
-
-    fedpt: Path
-    direct: Path
-    distill: Path | None
-    central: Path | None
-    central_stats: dict | None
-
-
 def run_experiment(config: RunConfig, out: Path, command: str = "") -> dict[str, Any]:
     """Train what is missing, each training judged as soon as it ends, then write results.json and the report.
 
     Judgments land in OUT/scores and OUT/tasks the moment they are made, so a lost machine loses at most the
-    training under way, never the evaluations of the ones before it."""
+    training under way, never the evaluations of the ones before it; a stage whose judgments are all kept is not
+    trained again (its federation's metrics.jsonl still gives what the devices paid)."""
     from fedpt.experiment.report import write_report
 
     started = time.time()
@@ -68,31 +60,34 @@ def run_experiment(config: RunConfig, out: Path, command: str = "") -> dict[str,
     exp = config.experiment
     stages = 2 + exp.distill_variant + exp.central_small
     console.rule(f"[bold]1/{stages} FedPT: federated tuning of the small model, then the proxy judged")
-    fedpt = federate(cfg.replace(config, distill={"every": 0}), out / "fedpt")
     with judging(ev):
-        grid, chosen = evaluate_fedpt(config, ev, fedpt)
+        grid, chosen = evaluate_fedpt(config, ev, once(federate, cfg.replace(config, distill={"every": 0}),
+                                                       out / "fedpt"))
     console.rule(f"[bold]2/{stages} baseline: federated tuning of the large model, same recipe, then judged")
-    direct = federate(cfg.replace(config, model={"small": direct_model(config)}, distill={"every": 0}),
-                      out / "direct")
+    direct = cfg.replace(config, model={"small": direct_model(config)}, distill={"every": 0})
     with judging(ev):
-        evaluate_direct(config, ev, direct)
-    distill = central = stats = None
+        evaluate_direct(config, ev, once(federate, direct, out / "direct"))
+    stats = None
     if exp.distill_variant:
         console.rule(f"[bold]3/{stages} FedPT with distillation between rounds, then judged")
-        distill = federate(cfg.replace(config, distill={"every": config.distill.every or 1}), out / "fedpt-distill")
+        distill = cfg.replace(config, distill={"every": config.distill.every or 1})
         with judging(ev):
-            evaluate_distill(config, ev, distill, chosen_fusion(exp, chosen))
+            evaluate_distill(config, ev, once(federate, distill, out / "fedpt-distill"), chosen_fusion(exp, chosen))
     if exp.central_small:
         console.rule(f"[bold]{stages}/{stages} the small model tuned centrally (upper bound of step 1), then judged")
         central, stats = tune_centrally(config, data.train, out / "central")
         with judging(ev):
             evaluate_central(config, ev, central)
-    trained = Trained(fedpt, direct, distill, central, stats)
-    results = {"command": command, **summarize(config, data, trained, out, ev.rows, grid, chosen),
+    results = {"command": command, **summarize(config, data, stats, out, ev.rows, grid, chosen),
                "seconds": time.time() - started}
     res.save_results(results, out)
     write_report(results, out)
     return results
+
+
+def once(train: Callable[..., Path], *args: Any) -> Callable[[], Path]:
+    """A training to run the first time a judgment needs its model (never, if every judgment is kept)."""
+    return functools.cache(functools.partial(train, *args))
 
 
 @contextmanager
@@ -185,79 +180,91 @@ def chosen_fusion(exp: cfg.ExperimentConfig, chosen: dict[str, str | None]) -> F
     return next(f for f in fusions_for(exp) if f.label == chosen["overall"])
 
 
-def evaluate_fedpt(config: RunConfig, ev: Evaluation, adapter: Path) -> tuple[dict[str, dict], dict[str, str | None]]:
+def evaluate_fedpt(config: RunConfig, ev: Evaluation,
+                   adapter: Callable[[], Path]) -> tuple[dict[str, dict], dict[str, str | None]]:
     """Both bases, the federated small model and the proxy (as published and as chosen on validation); return
     the fusion grid (validation and test) and the choices. One large model and one small pair in memory at a time."""
     from fedpt.proxy import ProxyTunedLM
     from fedpt.proxy.spec import ModelSpec
 
     spec = ModelSpec.from_config(config.model)  # every model below runs on its backend
-    fusions = fusions_for(config.experiment)
-    published = Fusion(alpha=config.experiment.alpha)
+    exp = config.experiment
+    fusions = fusions_for(exp)
+    published = Fusion(alpha=exp.alpha)
     rows = ev.rows
-    large = spec.open_large()
-    expert = ModelSpec.from_config(config.model, adapter=adapter).open_expert()
+    large = functools.cache(spec.open_large)  # opened when first needed, once
+    expert = functools.cache(lambda: ModelSpec.from_config(config.model, adapter=adapter()).open_expert())
     grid = ev.score_fusions("fusion-grid", large, expert, fusions)
-    chosen = choose(grid, fusions)
-    best = chosen_fusion(config.experiment, chosen)
+    if exp.choose_on == "nll":
+        chosen = choose(grid, fusions)
+    else:  # each fusion answers the task's validation problems; the best pass@1 is chosen, test never looked at
+        for f in fusions:
+            grid[f.label]["validation"]["tasks"] = {exp.choose_on: ev.validation_task(
+                f.label, lambda f=f: ProxyTunedLM(large(), expert(), fusion=f), exp.choose_on)}
+        chosen = choose_on_task(grid, fusions, exp.choose_on)
+    best = chosen_fusion(exp, chosen)
     for name, key in [("small_base", "small_base"), ("small_fedpt", "small_tuned"), ("large_base", "large"),
                       ("fedpt_proxy", published.label), ("fedpt_best", best.label)]:
         rows[name] = {**grid[key]["test"], "validation_nll": grid[key]["validation"]["nll"]}
     rows["fedpt_proxy"]["fusion"], rows["fedpt_best"]["fusion"] = published.label, best.label
     ev.answers("large_base", large)
-    ev.answers("small_fedpt", expert.tuned)
-    ev.answers("fedpt_proxy", ProxyTunedLM(large, expert, fusion=published))
+    ev.answers("small_fedpt", lambda: expert().tuned)
+    ev.answers("fedpt_proxy", lambda: ProxyTunedLM(large(), expert(), fusion=published))
     if best.label == published.label:  # the same model: greedy answers are the same, decoded once
         ev.same_answers("fedpt_best", "fedpt_proxy")
     else:
-        ev.answers("fedpt_best", ProxyTunedLM(large, expert, fusion=best))
-    del expert, large
-    ev.answers("small_base", dataclasses.replace(spec, large=config.model.small, large_device_map="").open_large())
+        ev.answers("fedpt_best", lambda: ProxyTunedLM(large(), expert(), fusion=best))
+    large.cache_clear()
+    expert.cache_clear()
+    ev.answers("small_base", functools.cache(dataclasses.replace(spec, large=config.model.small,
+                                                                 large_device_map="").open_large))
     return {f.label: grid[f.label] for f in fusions}, chosen
 
 
-def evaluate_direct(config: RunConfig, ev: Evaluation, tuned_folder: Path) -> None:
+def evaluate_direct(config: RunConfig, ev: Evaluation, tuned_folder: Callable[[], Path]) -> None:
     """The baseline: the large model tuned by federation, on its own backend."""
     from fedpt.proxy.spec import ModelSpec
 
-    tuned = ModelSpec.from_config(config.model).open_tuned(direct_model(config), tuned_folder, spread=True)
+    tuned = functools.cache(lambda: ModelSpec.from_config(config.model).open_tuned(direct_model(config),
+                                                                                   tuned_folder(), spread=True))
     ev.score("large_direct", tuned)
     ev.answers("large_direct", tuned)
 
 
-def evaluate_distill(config: RunConfig, ev: Evaluation, adapter: Path, best: Fusion) -> None:
+def evaluate_distill(config: RunConfig, ev: Evaluation, adapter: Callable[[], Path], best: Fusion) -> None:
     """The small model of the distillation variant, alone and as the proxy's expert (published and chosen fusion)."""
     from fedpt.proxy import ProxyTunedLM
     from fedpt.proxy.spec import ModelSpec
 
     published = Fusion(alpha=config.experiment.alpha)
-    large = ModelSpec.from_config(config.model).open_large()
-    expert = ModelSpec.from_config(config.model, adapter=adapter).open_expert()
+    large = functools.cache(ModelSpec.from_config(config.model).open_large)
+    expert = functools.cache(lambda: ModelSpec.from_config(config.model, adapter=adapter()).open_expert())
     distilled = ev.score_fusions("fusion-grid-distill", large, expert, [published, best])
     ev.rows["small_fedpt_distill"] = distilled["small_tuned"]["test"]
     ev.rows["fedpt_distill_proxy"] = {**distilled[published.label]["test"], "fusion": published.label}
     ev.rows["fedpt_distill_best"] = {**distilled[best.label]["test"], "fusion": best.label}
-    ev.answers("fedpt_distill_proxy", ProxyTunedLM(large, expert, fusion=published))
+    ev.answers("fedpt_distill_proxy", lambda: ProxyTunedLM(large(), expert(), fusion=published))
 
 
 def evaluate_central(config: RunConfig, ev: Evaluation, tuned_folder: Path) -> None:
     from fedpt.proxy.spec import ModelSpec
 
-    tuned = ModelSpec.from_config(config.model).open_tuned(config.model.small, tuned_folder, spread=False)
+    tuned = functools.cache(lambda: ModelSpec.from_config(config.model).open_tuned(config.model.small, tuned_folder,
+                                                                                   spread=False))
     ev.score("small_central", tuned)
     ev.answers("small_central", tuned)
 
 
-def summarize(config: RunConfig, data: Splits, trained: Trained, out: Path, models: dict[str, dict],
+def summarize(config: RunConfig, data: Splits, central_stats: dict | None, out: Path, models: dict[str, dict],
               grid: dict[str, dict], chosen: dict[str, str | None]) -> dict[str, Any]:
     """Gaps closed, costs and targets, as results.json holds them."""
     exp = config.experiment
     gap_nll = {name: g for name, g in res.gaps(models, "nll").items() if name.startswith(("fedpt", "small"))}
     cost = {"fedpt": res.costs_of(out / "fedpt"), "direct": res.costs_of(out / "direct")}
-    if trained.distill is not None:
+    if exp.distill_variant:
         cost["fedpt_distill"] = res.costs_of(out / "fedpt-distill")
-    if trained.central_stats is not None:
-        cost["central"] = {key: trained.central_stats[key] for key in ("seconds_per_step", "peak_memory_bytes",
+    if central_stats is not None:
+        cost["central"] = {key: central_stats[key] for key in ("seconds_per_step", "peak_memory_bytes",
                                                                         "steps")}
     ratio = res.cost_ratios(cost["fedpt"], cost["direct"])
     task_gaps = {task: res.task_gaps(models, task) for task in exp.tasks}

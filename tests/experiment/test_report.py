@@ -79,6 +79,14 @@ def test_a_real_task_gets_its_targets_its_reasons_and_a_plot_panel(tmp_path):
            "large base 0.500," in report
     assert (tmp_path / "metrics.png").stat().st_size > 1000
     assert "failed**" not in report
+    assert "Chosen overall (on validation NLL)" in report and "validation gsm pass@1" not in report
+    for i, split in enumerate(results["fusion_grid"].values()):  # chosen on the task's validation problems instead
+        split["validation"]["tasks"] = {"gsm": i / 10}
+    results["chosen_on_validation"]["on"] = "gsm"
+    write_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "Chosen overall (on gsm)" in report and "| fusion | validation NLL | validation gsm pass@1 |" in report
+    assert f"| {next(iter(results['fusion_grid']))} | " in report and " | 0.00 | " in report
     results["costs"]["direct"]["failed_rounds"] = [2, 3]
     write_report(results, tmp_path)
     assert "- **direct: round(s) 2, 3 failed** (no update accepted" in (tmp_path / "report.md").read_text()

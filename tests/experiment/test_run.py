@@ -65,21 +65,41 @@ def test_experiment_with_full_fine_tuning(tiny_run, qa_file, tmp_path):
     assert results["models"]["large_direct"]["nll"] != results["models"]["large_base"]["nll"]
 
 
-def test_experiment_on_a_real_task_reports_pass_at_1_and_its_gap_with_intervals(tiny_run, tmp_path):
+def test_experiment_on_a_real_task_reports_pass_at_1_and_its_gap_with_intervals(tiny_run, tmp_path, monkeypatch):
     pytest.importorskip("reasoning_gym", reason="the math task comes with reasoning-gym")
+    import shutil
+
+    from fedpt.experiment import run as stages
+
     settings = {**SETTINGS, "data": {"source": "gsm", "group_field": "", "test_percent": 10, "validation_percent": 10},
                 "distill": {"every": 0},
                 "experiment": {**SETTINGS["experiment"], "tasks": ["gsm"], "task_problems": 4, "task_max_tokens": 4,
                                "test_examples": 6, "validation_examples": 6, "distill_variant": False,
-                               "central_small": False}}
+                               "central_small": False, "choose_on": "gsm", "choose_problems": 3}}
     run = tiny_run(tmp_path / "unused", **settings)
-    results = run_experiment(run, tmp_path / "exp", command="test")
+    out = tmp_path / "exp"
+    results = run_experiment(run, out, command="test")
     for name in ("small_base", "small_fedpt", "large_base", "fedpt_proxy", "fedpt_best", "large_direct"):
         score = results["models"][name]["tasks"]["gsm"]
         assert score["problems"] == 4 and len(score["passed"]) == 4 and "interval_95" in score["pass@1"]
-        assert (tmp_path / "exp" / "tasks" / "gsm" / name / "samples.jsonl").is_file()
+        assert (out / "tasks" / "gsm" / name / "samples.jsonl").is_file()
     assert set(results["gap_closed_task"]["gsm"]) >= {"fedpt_proxy", "fedpt_best", "small_fedpt"}
-    assert "## gsm: greedy pass@1" in (tmp_path / "exp" / "report.md").read_text()
+    assert "## gsm: greedy pass@1" in (out / "report.md").read_text()
+    # the fusion is chosen on the task's validation problems: each fusion answered 3 of them, the best pass@1 won
+    chosen, grid = results["chosen_on_validation"], results["fusion_grid"]
+    validation = {label: grid[label]["validation"]["tasks"]["gsm"] for label in grid}
+    assert chosen["on"] == "gsm" and validation[chosen["overall"]] == max(validation.values())
+    assert results["models"]["fedpt_best"]["fusion"] == chosen["overall"]
+    for label in grid:
+        answered = json.loads((out / "tasks" / "gsm-validation" / label.replace(", ", "_") / "results.json")
+                              .read_text())
+        assert answered["split"] == "validation" and answered["problems"] == 3
+    # a lost machine: the trained models are gone, every judgment is kept; nothing is trained or opened again
+    for stage in ("fedpt", "direct"):
+        shutil.rmtree(out / stage / "final")
+    monkeypatch.setattr(stages, "federate", lambda *a: pytest.fail("trained again"))
+    again = run_experiment(run, out, command="test")
+    assert again["models"] == results["models"] and again["costs"] == results["costs"]
 
 
 def test_a_typo_in_a_model_name_fails_before_anything_is_written_and_never_blocks_the_fix(tiny_run, qa_file,
@@ -121,5 +141,8 @@ def test_each_training_is_judged_before_the_next_one_starts(tiny_run, qa_file, t
 
     monkeypatch.setattr(stages, "federate", recording)
     run_experiment(config, out, command="test")
-    assert seen == [("fedpt", []), ("direct", ["fusion-grid.json"]),
-                    ("fedpt-distill", ["fusion-grid.json", "large_direct.json"])]
+    scores = [(stage, [n for n in kept if not n.startswith("rouge-")]) for stage, kept in seen]
+    assert scores == [("fedpt", []), ("direct", ["fusion-grid.json"]),
+                      ("fedpt-distill", ["fusion-grid.json", "large_direct.json"])]
+    assert {"rouge-large_base.json", "rouge-small_base.json"} <= set(seen[1][1])  # greedy answers are kept too
+    assert "rouge-large_direct.json" in seen[2][1]
