@@ -14,19 +14,20 @@ import json
 from pathlib import Path
 
 from fedpt.errors import FedptError
+from fedpt.experiment.results import task_gaps
 from fedpt.tasks.evaluate import verdicts
-from fedpt.tasks.metrics import gap_interval
 
 
 def gap(base: Path, direct: Path, system: Path) -> dict:
-    b, t, s = verdicts(base), verdicts(direct), verdicts(system)
-    ids = sorted(set(b) & set(t) & set(s))
-    if not ids:
+    """The experiment's own `task_gaps` on three judged folders, with each one's pass@1 on the problems they share."""
+    judged = {"large_base": verdicts(base), "large_direct": verdicts(direct), "system": verdicts(system)}
+    share = task_gaps({name: {"tasks": {"task": {"passed": v}}} for name, v in judged.items()}, "task").get("system")
+    if share is None:
         raise FedptError(f"{base}, {direct} and {system} share no judged problem")
-    share, low, high = gap_interval([s[i] for i in ids], [b[i] for i in ids], [t[i] for i in ids])
-    mean = {name: sum(v[i] for i in ids) / len(ids) for name, v in (("base", b), ("direct", t), ("system", s))}
-    return {"system": str(system), "problems": len(ids), "pass@1": mean, "gap_closed": share,
-            "interval_95": [low, high]}
+    ids = set.intersection(*(set(v) for v in judged.values()))
+    mean = {name: sum(v[i] for i in ids) / len(ids) for name, v in judged.items()}
+    return {"system": str(system), "problems": share["problems"], "pass@1": mean, "gap_closed": share["value"],
+            "interval_95": share["interval_95"]}
 
 
 def main() -> None:
