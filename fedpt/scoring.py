@@ -70,8 +70,9 @@ def fusion_logprobs(large: LanguageModel, expert: ExpertPair, examples: Sequence
                     progress: Any = None) -> dict[str, list[Tensor]]:
     """Answer-token log-probs under many combinations of one large model and one small pair, each model run once.
 
-    Keys: "large", "small_base", "small_tuned", and each fusion's label.
+    Keys: "large", "small_base", "small_tuned", and each fusion's label (a fusion given twice is scored once).
     """
+    fusions = list({f.label: f for f in fusions}.values())  # the chosen fusion may be the published one
     keys = ["large", "small_base", "small_tuned", *(f.label for f in fusions)]
     out = {k: [torch.empty(0)] * len(examples) for k in keys}
     for rows, ids, mask, answers in answer_batches(large.tokenizer, examples, batch_size, max_length, chat, progress,

@@ -50,8 +50,9 @@ def test_fusion_scores_equal_scoring_each_model(tiny, tiny_adapter):
     large = HFCausalLM.load(tiny["large"], dtype="float32")
     expert = load_expert(tiny["small"], tiny_adapter, dtype="float32")
     examples = [Example("what is your name", "my name is fedpt"), Example("hello", "good morning to you")]
-    fusions = [Fusion(alpha=0.5), Fusion(weight=0.5), Fusion(dynamic=True)]
+    fusions = [Fusion(alpha=0.5), Fusion(weight=0.5), Fusion(dynamic=True), Fusion(alpha=0.5)]  # one given twice
     scores = fusion_logprobs(large, expert, examples, fusions, batch_size=2)
+    assert set(scores) == {"large", "small_base", "small_tuned", *(f.label for f in fusions)}
     for fusion in fusions:
         expected = response_logprobs(ProxyTunedLM(large, expert, fusion=fusion), examples)
         for got, want in zip(scores[fusion.label], expected):
